@@ -1,0 +1,105 @@
+"""A stack of tied-weight autoencoder layers.
+
+Encoder layer k: h_k = f(h_{k-1} W_kᵀ + b_k). Decoder layer k: ĥ_{k-1} = f(ĥ_k W_k + c_k), the
+same W_k transposed (one parameter, two uses) with its own bias c_k. f is the hidden activation
+(sigmoid or tanh); the output layer is always a sigmoid (pixels in [0, 1]); the code layer may
+be linear (as in Hinton & Salakhutdinov 2006).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+class TiedAutoencoder(nn.Module):
+    def __init__(self, sizes: list[int], linear_code: bool = False, activation: str = "sigmoid",
+                 output_sigmoid: bool = True) -> None:
+        """`sizes` = [input, hidden_1, ..., code]; one tied layer per consecutive pair.
+
+        `output_sigmoid`: the reconstruction of the input goes through a sigmoid (pixels); a
+        layer pretrained on hidden codes reconstructs them with the hidden activation instead.
+        """
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"need at least input and code size, got {sizes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}")
+        self.sizes = list(sizes)
+        self.linear_code = linear_code
+        self.activation = activation
+        self.output_sigmoid = output_sigmoid
+        pairs = list(zip(sizes[:-1], sizes[1:]))
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n_out, n_in)) for n_in, n_out in pairs)
+        self.enc_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_out)) for _, n_out in pairs)
+        self.dec_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_in)) for n_in, _ in pairs)
+        self.reset_parameters()
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights)
+
+    def reset_parameters(self, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
+        """Uniform Glorot init scaled by `gain` (Glorot & Bengio suggest 4 for sigmoid units)."""
+        with torch.no_grad():
+            for w, b, c in zip(self.weights, self.enc_biases, self.dec_biases):
+                n_out, n_in = w.shape
+                bound = gain * math.sqrt(6.0 / (n_in + n_out))
+                w.copy_(torch.rand(w.shape, generator=generator) * 2 * bound - bound)
+                b.zero_()
+                c.zero_()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        h = x
+        for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
+            h = torch.addmm(b, h, w.t())
+            if not (self.linear_code and k == self.depth - 1):
+                h = act(h)
+        return h
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        h = z
+        for k in reversed(range(self.depth)):
+            h = torch.addmm(self.dec_biases[k], h, self.weights[k])
+            h = torch.sigmoid(h) if (k == 0 and self.output_sigmoid) else act(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def arch(self) -> dict:
+        return {"sizes": self.sizes, "linear_code": self.linear_code, "activation": self.activation,
+                "output_sigmoid": self.output_sigmoid}
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> "TiedAutoencoder":
+        return cls(arch["sizes"], arch["linear_code"], arch["activation"], arch["output_sigmoid"])
+
+    def layer(self, k: int) -> "TiedAutoencoder":
+        """A one-layer autoencoder sharing layer k's (0-based) parameters with this stack."""
+        single = TiedAutoencoder(self.sizes[k:k + 2], self.linear_code and k == self.depth - 1,
+                                 self.activation, self.output_sigmoid and k == 0)
+        single.weights[0] = self.weights[k]
+        single.enc_biases[0] = self.enc_biases[k]
+        single.dec_biases[0] = self.dec_biases[k]
+        return single
+
+    @classmethod
+    def stack(cls, layers: list["TiedAutoencoder"]) -> "TiedAutoencoder":
+        """Stack one-layer autoencoders (copies of their parameters) into a deep one."""
+        sizes = [layers[0].sizes[0]] + [layer.sizes[1] for layer in layers]
+        for prev, nxt in zip(layers[:-1], layers[1:]):
+            if prev.sizes[1] != nxt.sizes[0]:
+                raise ValueError(f"cannot stack layers of sizes {prev.sizes} and {nxt.sizes}")
+        deep = cls(sizes, layers[-1].linear_code, layers[0].activation, layers[0].output_sigmoid)
+        with torch.no_grad():
+            for k, layer in enumerate(layers):
+                deep.weights[k].copy_(layer.weights[0])
+                deep.enc_biases[k].copy_(layer.enc_biases[0])
+                deep.dec_biases[k].copy_(layer.dec_biases[0])
+        return deep

@@ -1,0 +1,156 @@
+"""The one fit loop: layer pretraining, fine-tuning and the classifiers all train through `fit`.
+
+The data set lives as tensors on the device; each epoch draws batches by a seeded index
+permutation, so there is no per-sample Python and no DataLoader.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dae.io import save_torch
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0   # linear warm-up, then cosine decay to zero
+    schedule: str = "cosine"     # "cosine" or "constant"
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one {epoch, train_loss, val_loss} per epoch
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+
+
+def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Tensor],
+                  batch_size: int = 8192) -> float:
+    """Mean of `loss_fn` over the whole data set, in large batches."""
+    was_training = model.training
+    model.eval()
+    n = tensors[0].shape[0]
+    total = 0.0
+    for start in range(0, n, batch_size):
+        batch = [t[start:start + batch_size] for t in tensors]
+        total += loss_fn(model, batch).item() * batch[0].shape[0]
+    model.train(was_training)
+    return total / n
+
+
+def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
+        config: FitConfig, *, seed: int, desc: str,
+        on_epoch: Callable[[dict], None] | None = None,
+        checkpoint: Path | None = None) -> FitResult:
+    """Train `model` in place with Adam; keep the parameters of the best validation epoch.
+
+    `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
+    the model's device; `loss_fn(model, batch)` turns one batch into a scalar loss. If
+    `checkpoint` is given, the full training state is saved there after every epoch and, if
+    the file exists when `fit` starts, training resumes from it (bit-identical on CPU).
+    """
+    n = train[0].shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
+    # Index permutations come from a CPU generator: identical on every device.
+    generator = torch.Generator().manual_seed(seed)
+    result = FitResult()
+    best_state = copy.deepcopy(model.state_dict())
+    start_epoch = 1
+
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=train[0].device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        result, best_state = state["result"], state["best_state"]
+        start_epoch = state["epoch"] + 1
+        log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
+
+    model.train()
+    for epoch in range(start_epoch, config.epochs + 1):
+        order = torch.randperm(n, generator=generator).to(train[0].device)
+        running = torch.zeros((), device=train[0].device)
+        bar = tqdm(range(0, n, config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}",
+                   leave=False, mininterval=1.0, disable=None)
+        for start in bar:
+            idx = order[start:start + config.batch_size]
+            loss = loss_fn(model, [t[idx] for t in train])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.detach() * idx.shape[0]
+        train_loss = running.item() / n  # one device sync per epoch, not per step
+        val_loss = evaluate_loss(model, loss_fn, val)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise TrainingDiverged(
+                f"{desc}: loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
+                f"at epoch {epoch}; the model was not written. Try a lower learning rate "
+                f"(lr is {config.lr}).")
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "lr": scheduler.get_last_lr()[0]}
+        result.history.append(row)
+        if val_loss < result.best_val_loss:
+            result.best_val_loss, result.best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        log.info("%s epoch %d/%d: train %.5f  val %.5f", desc, epoch, config.epochs, train_loss, val_loss)
+        if on_epoch is not None:
+            on_epoch(row)
+        if checkpoint is not None:
+            save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(),
+                                    "generator": generator.get_state(), "epoch": epoch,
+                                    "result": result, "best_state": best_state})
+    model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def reconstruction_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error between AE(input) and target: batch = (input, target)."""
+    inputs, targets = batch
+    return torch.mean((model(inputs) - targets) ** 2)
+
+
+def classification_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(inputs), labels)

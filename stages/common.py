@@ -1,0 +1,110 @@
+"""What every stage shares: logging, params, device, seeding, data loading, error reporting."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dae import params as params_mod
+
+log = logging.getLogger("stages")
+
+NOISY_DIR = Path("data/noisy")
+PRETRAIN_DIR = Path("data/models/pretrain")
+FINETUNE_DIR = Path("data/models/finetune")
+CURVES_DIR = Path("reports/curves")
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's main; turn the errors a user can cause into one clear line and exit 1."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s",
+                        datefmt="%H:%M:%S")
+    from dae.data import DataError
+    from dae.params import ParamError
+    from dae.tracking import TrackingError
+    from dae.train import TrainingDiverged
+
+    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError)
+    try:
+        main()
+    except known as exc:
+        print(f"ERROR in stage {name}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:  # full disk, unwritable folder, missing input
+        print(f"ERROR in stage {name}: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        sys.exit(1)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt or does not match params.yaml."""
+
+
+def load_params(sections: list[str]) -> dict:
+    return params_mod.load("params.yaml", sections)
+
+
+def select_device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise params_mod.ParamError("device: 'cuda' was requested but CUDA is not available on this "
+                                    "machine; use 'auto' or 'cpu'")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def make_deterministic(device) -> None:
+    """Deterministic kernels (bit-identical CPU reruns; see README for CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def load_split(split: str, device) -> dict:
+    """{"clean": float [N,784] in [0,1], "noisy": float [N,784], "labels": int64 [N]} on `device`."""
+    import torch
+
+    path = NOISY_DIR / f"{split}.pt"
+    blob = torch.load(path, weights_only=True)
+    return {"clean": blob["clean"].to(device).float().div_(255.0),
+            "noisy": blob["noisy"].to(device), "labels": blob["labels"].to(device)}
+
+
+def load_checkpoint(path: Path, expected_arch: dict, seeds: list[int]) -> dict:
+    """Load a {"arch", "seeds": {seed: state_dict}} checkpoint and check it against params."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(exc).__name__}: {exc}); "
+                              "delete it and rerun `dvc repro`") from exc
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "seeds" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no arch/seeds)")
+    if ckpt["arch"] != expected_arch:
+        raise CheckpointError(f"{path} has architecture {ckpt['arch']} but params.yaml asks for "
+                              f"{expected_arch}; rerun the stages that make it (`dvc repro`)")
+    missing = [s for s in seeds if s not in ckpt["seeds"]]
+    if missing:
+        raise CheckpointError(f"{path} has no weights for seeds {missing} listed in params.yaml `seeds`")
+    return ckpt
+
+
+def write_curve(path: Path, histories: list[list[dict]]) -> None:
+    """Per-epoch losses averaged over seeds, as CSV for `dvc plots`."""
+    import pandas as pd
+
+    from dae.io import write_with
+
+    frame = pd.concat([pd.DataFrame(h) for h in histories]).groupby("epoch", as_index=False).mean()
+    write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))

@@ -1,0 +1,75 @@
+"""finetune MODEL: build one of the slide's four models and train it end to end.
+
+shallow   1+1: 784 -> bottleneck, random init, trained end to end
+greedy    8+8: the pretrained stack of data/models/pretrain/layer_8.pt, no further training
+random_ft 8+8: random init, trained end to end
+greedy_ft 8+8: initialised from the pretrained stack, trained end to end
+Training reconstructs the clean image from its noisy copy; the best validation epoch is kept.
+"""
+import argparse
+
+from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, load_checkpoint, load_params, log,
+                           make_deterministic, run_stage, select_device, write_curve)
+
+SECTIONS = ["arch", "finetune", "seeds", "device"]
+
+
+def main() -> None:
+    import torch
+
+    from dae.io import save_torch
+    from dae.model import TiedAutoencoder
+    from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
+    from dae.tracking import stage_run
+    from dae.train import FitConfig, evaluate_loss, fit, reconstruction_loss
+    from stages.common import load_split
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=MODELS)
+    name = parser.parse_args().model
+    params = load_params(SECTIONS)
+    device = select_device(params["device"])
+    make_deterministic(device)
+    cfg = params["finetune"]
+    config = FitConfig(cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"])
+    arch = model_arch(params, name)
+    pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
+                  if name in ("greedy", "greedy_ft") else None)
+    train, val = load_split("train", device), load_split("val", device)
+
+    stage = f"finetune@{name}"
+    states, histories = {}, []
+    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name}) as run:
+        for seed in params["seeds"]:
+            torch.manual_seed(seed)
+            model = TiedAutoencoder.from_arch(arch)
+            if pretrained is not None:
+                model.load_state_dict(pretrained["seeds"][seed])
+            else:
+                model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
+            model.to(device)
+            with run.seed(seed, stage):
+                if name == "greedy":  # the pretrained stack as it is: record its losses only
+                    history = [{"epoch": 0, **{f"{split}_loss": evaluate_loss(
+                        model, reconstruction_loss, (data["noisy"], data["clean"]))
+                        for split, data in (("train", train), ("val", val))}}]
+                    run.log_metrics({"best_val_loss": history[0]["val_loss"]})
+                else:
+                    result = fit(model, reconstruction_loss, (train["noisy"], train["clean"]),
+                                 (val["noisy"], val["clean"]), config, seed=seed,
+                                 desc=f"{stage} seed {seed}",
+                                 on_epoch=lambda row: run.log_metrics(row, step=row["epoch"]))
+                    history = result.history
+                    run.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
+                    log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss,
+                             result.best_epoch)
+            states[seed] = model.cpu().state_dict()
+            histories.append(history)
+        save_torch(FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states})
+        curve = CURVES_DIR / f"finetune_{name}.csv"
+        write_curve(curve, histories)
+        run.log_artifact(curve)
+
+
+if __name__ == "__main__":
+    run_stage("finetune", main)

@@ -1,0 +1,39 @@
+"""noise: split train/validation, corrupt every split with seeded noise, write data/noisy/*.pt.
+
+Each file holds the clean images (uint8), their fixed noisy copy (float32) and the labels.
+The 10k test set is only ever read by evaluate and figures.
+"""
+from stages.common import NOISY_DIR, load_params, log, run_stage
+
+
+def main() -> None:
+    import torch
+
+    from dae.data import load_split, split_indices
+    from dae.io import save_torch
+    from dae.noise import corrupt
+
+    params = load_params(["data", "noise"])
+    data, noise = params["data"], params["noise"]
+    train_images, train_labels = load_split("data/raw", "train")
+    test_images, test_labels = load_split("data/raw", "test")
+    train_idx, val_idx = split_indices(len(train_images), data["val_size"], data["split_seed"])
+    if data["train_limit"]:
+        train_idx = train_idx[:data["train_limit"]]
+    test_limit = data["test_limit"] or len(test_images)
+    splits = {"train": (train_images[train_idx], train_labels[train_idx]),
+              "val": (train_images[val_idx], train_labels[val_idx]),
+              "test": (test_images[:test_limit], test_labels[:test_limit])}
+    for offset, (split, (images, labels)) in enumerate(splits.items()):
+        clean = torch.from_numpy(images.copy())
+        # One generator per split: the test copy does not change when train_limit does.
+        generator = torch.Generator().manual_seed(noise["seed"] * 1000 + offset)
+        noisy = corrupt(clean.float() / 255.0, noise["type"], noise["level"], generator, noise["clip"])
+        save_torch(NOISY_DIR / f"{split}.pt",
+                   {"clean": clean, "noisy": noisy, "labels": torch.from_numpy(labels.copy())})
+        log.info("%s: %d images, %s noise level %g (mean |x̃ - x| %.4f)", split, len(clean),
+                 noise["type"], noise["level"], (noisy - clean.float() / 255.0).abs().mean())
+
+
+if __name__ == "__main__":
+    run_stage("noise", main)

@@ -1,0 +1,116 @@
+"""End to end: `dvc repro` of the whole pipeline on the tiny profile against real MNIST."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)],
+          *[f"finetune@{m}" for m in ("shallow", "greedy", "random_ft", "greedy_ft")], "evaluate", "figures"]
+TRACKED_STAGES = [s for s in STAGES if s not in ("download", "noise")]
+
+
+def apply_tiny_profile(params_file: Path, overrides: dict) -> None:
+    params = yaml.safe_load(params_file.read_text())
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            params[key].update(value)
+        else:
+            params[key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, mnist_mirror):
+    """A copy of the repository (what git would clone) with the tiny profile applied."""
+    ws = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")):
+            (ws / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, ws / name)
+    apply_tiny_profile(ws / "params.yaml", yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
+    env = {**os.environ, "DAE_DATA_MIRROR": str(mnist_mirror),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DAE_TRACKING", None)
+
+    def run(*args, check=True):
+        result = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    run("git", "init", "-q")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny")
+    first = run(sys.executable, "-m", "dvc", "repro")
+    return ws, run, first
+
+
+def test_every_stage_runs(workspace):
+    _, _, first = workspace
+    assert sorted(ran_stages(first.stdout)) == sorted(STAGES)
+
+
+def test_metrics_table_and_figure(workspace):
+    ws, _, _ = workspace
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert list(metrics) == ["shallow", "greedy", "random_ft", "greedy_ft"]
+    for row in metrics.values():
+        for key in ("mse", "mse_noisy", "accuracy", "accuracy_noisy"):
+            assert math.isfinite(row[key]) and math.isfinite(row[f"{key}_std"])
+        assert 0 <= row["accuracy"] <= 1 and 0 < row["mse"] < 1
+    table = (ws / "reports" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| 1+1", "| 8+8"))]
+    assert len(rows) == 4
+    png = (ws / "reports" / "figures" / "reconstructions.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_mlflow_has_a_run_per_stage(workspace):
+    ws, _, _ = workspace
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dae-mnist"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert sorted(parents["tags.stage"]) == sorted(TRACKED_STAGES)
+    assert parents["tags.pipeline_id"].nunique() == 1  # one `dvc repro`, one tag
+    finetune = parents[parents["tags.stage"] == "finetune@greedy_ft"].iloc[0]
+    assert finetune["params.finetune.epochs"] == "2"
+    children = runs[runs["tags.mlflow.parentRunId"] == finetune["run_id"]]
+    history = mlflow.MlflowClient().get_metric_history(children.iloc[0]["run_id"], "val_loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_second_repro_is_a_no_op(workspace):
+    _, run, _ = workspace
+    second = run(sys.executable, "-m", "dvc", "repro")
+    assert ran_stages(second.stdout) == []
+    assert "up to date" in second.stdout
+
+
+def test_finetune_change_reruns_only_what_depends_on_it(workspace):
+    ws, run, _ = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["finetune"]["epochs"] = 3
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    diff = run(sys.executable, "-m", "dvc", "params", "diff")
+    assert "finetune.epochs" in diff.stdout
+    ran = ran_stages(run(sys.executable, "-m", "dvc", "repro").stdout)
+    assert {"finetune@shallow", "finetune@random_ft", "finetune@greedy_ft", "evaluate", "figures"} <= set(ran)
+    assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]

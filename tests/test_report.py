@@ -1,0 +1,29 @@
+import pytest
+
+from dae.report import SLIDE, markdown, meets, summarize, table_rows
+
+
+def runs(mse):
+    return [{"mse": m, "mse_noisy": m, "accuracy": 0.99, "accuracy_noisy": 0.98} for m in mse]
+
+
+def test_summary_mean_and_std():
+    summary = summarize({"shallow": runs([0.01, 0.03])})
+    assert summary["shallow"]["mse"] == pytest.approx(0.02)
+    assert summary["shallow"]["mse_std"] == pytest.approx(0.0141421, rel=1e-4)
+    assert summarize({"shallow": runs([0.01])})["shallow"]["mse_std"] == 0.0
+
+
+def test_meets_direction():
+    assert meets("mse", 0.006, 0.007) and not meets("mse", 0.008, 0.007)
+    assert meets("accuracy", 0.983, 0.982) and not meets("accuracy", 0.95, 0.982)
+
+
+def test_markdown_has_the_four_rows_and_the_slide_numbers():
+    summary = summarize({m: runs([0.02, 0.02]) for m in SLIDE})
+    text = markdown(summary, n_seeds=2)
+    rows = [line for line in text.splitlines() if line.startswith("| 8+8") or line.startswith("| 1+1")]
+    assert len(rows) == 4
+    assert "0.056" in text and "98.2 %" in text and "over 2 seed(s)" in text
+    greedy_ft = [r for r in table_rows(summary) if r["model"] == "greedy_ft"][0]
+    assert greedy_ft["mse_meets_slide"] is False and greedy_ft["accuracy_meets_slide"] is True

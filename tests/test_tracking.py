@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from dae import tracking
+
+
+def test_repo_root_sees_through_dvc_experiment_workspaces(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (workspace / ".dvc").mkdir(parents=True)
+    assert tracking.repo_root(workspace) == tmp_path.resolve()
+    assert tracking.repo_root(tmp_path / ".dvc") == tmp_path.resolve()
+
+
+def test_default_uri_is_sqlite_at_the_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("seeds: [0]\n")
+    monkeypatch.setenv("DAE_TRACKING", "off")
+    with tracking.stage_run("stage", {"a": 1}) as run:
+        run.log_metrics({"x": 1.0})
+        with run.seed(0, "stage"):
+            run.log_metrics({"y": 2.0}, step=1)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_stage_run_logs_params_metrics_and_shared_tags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DAE_TRACKING", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("seeds: [0]\n")
+    for stage in ("pretrain_layer@1", "evaluate"):
+        with tracking.stage_run(stage, {"lr": 0.1}) as run:
+            with run.seed(0, stage):
+                run.log_metrics({"val_loss": 0.5}, step=1)
+            run.log_metrics({"mse": 0.01})
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT])
+    parents = found[found["tags.mlflow.parentRunId"].isna()]
+    assert sorted(parents["tags.stage"]) == ["evaluate", "pretrain_layer@1"]
+    assert parents["tags.pipeline_id"].nunique() == 1
+    assert set(parents["tags.dvc_exp_name"]) == {"my-exp"}
+    assert set(parents["params.lr"]) == {"0.1"}
+    assert len(found) == 4  # two stage runs, each with one nested seed run
+    children = found[found["tags.mlflow.parentRunId"].notna()]
+    assert set(children["tags.seed"]) == {"0"} and children["tags.pipeline_id"].nunique() == 1
+
+
+def test_unreachable_server_fails_fast_with_a_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("seeds: [0]\n")
+    monkeypatch.delenv("DAE_TRACKING", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(tracking.TrackingError, match="DAE_TRACKING=off"):
+        with tracking.stage_run("stage", {}):
+            pass

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from dae.model import TiedAutoencoder
+from dae.train import FitConfig, TrainingDiverged, classification_loss, fit, reconstruction_loss
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_raw):
+    from dae.data import load_split
+
+    images, labels = load_split(mnist_raw, "train")
+    x = torch.from_numpy(images[:3000].copy()).float() / 255
+    noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    return x, noisy, torch.from_numpy(labels[:3000].copy())
+
+
+def test_one_layer_denoiser_loss_decreases_on_real_digits(digits):
+    x, noisy, _ = digits
+    model = TiedAutoencoder([784, 32])
+    result = fit(model, reconstruction_loss, (noisy[:2500], x[:2500]), (noisy[2500:], x[2500:]),
+                 FitConfig(epochs=5, batch_size=32, lr=1e-2), seed=0, desc="test")
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert result.best_val_loss == min(losses)
+
+
+def test_best_epoch_weights_are_restored(digits):
+    x, noisy, _ = digits
+    model = TiedAutoencoder([784, 16])
+    result = fit(model, reconstruction_loss, (noisy[:1000], x[:1000]), (noisy[2500:], x[2500:]),
+                 FitConfig(epochs=3, batch_size=100, lr=1e-2), seed=0, desc="test")
+    with torch.no_grad():
+        final = torch.mean((model(noisy[2500:]) - x[2500:]) ** 2).item()
+    assert final == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_nan_loss_stops_with_epoch_and_hint():
+    x = torch.rand(64, 10)
+    x[3, 3] = math.nan
+    model = TiedAutoencoder([10, 4])
+    with pytest.raises(TrainingDiverged, match=r"epoch 1.*lower learning rate"):
+        fit(model, reconstruction_loss, (x, x), (x, x), FitConfig(2, 16, 1e-3), seed=0, desc="stage x")
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, digits):
+    x, noisy, _ = digits
+    data = ((noisy[:500], x[:500]), (noisy[2500:2700], x[2500:2700]))
+    config = FitConfig(epochs=3, batch_size=50, lr=3e-3, warmup_epochs=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = TiedAutoencoder([784, 16])
+        model.reset_parameters(1.0, torch.Generator().manual_seed(0))
+        return model
+
+    reference = fresh()
+    fit(reference, reconstruction_loss, *data, config, seed=0, desc="ref")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    checkpoint = tmp_path / "ckpt.pt"
+    interrupted = fresh()
+    with pytest.raises(Killed):
+        fit(interrupted, reconstruction_loss, *data, config, seed=0, desc="run", on_epoch=kill_after_epoch_2,
+            checkpoint=checkpoint)
+    assert checkpoint.exists()  # epoch 1 was saved before the kill in epoch 2's callback
+    resumed = fresh()
+    result = fit(resumed, reconstruction_loss, *data, config, seed=0, desc="run", checkpoint=checkpoint)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_classifier_training_through_the_same_loop():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 5, generator=g) * 5
+    labels = torch.randint(0, 10, (2000,), generator=g)
+    points = centers[labels] + torch.randn(2000, 5, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    fit(model, classification_loss, (points[:1500], labels[:1500]), (points[1500:], labels[1500:]),
+        FitConfig(5, 64, 1e-2), seed=0, desc="clf")
+    accuracy = (model(points[1500:]).argmax(1) == labels[1500:]).float().mean()
+    assert accuracy > 0.9
