@@ -12,11 +12,11 @@ SLIDE = {"shallow": {"mse": 0.026, "mse_noisy": 0.025, "accuracy": 0.953},
          "random_ft": {"mse": 0.013, "mse_noisy": 0.013, "accuracy": 0.974},
          "greedy_ft": {"mse": 0.007, "mse_noisy": 0.008, "accuracy": 0.982}}
 DEFINITIONS = (
-    "Definitions (10k MNIST test set, pixels in [0, 1]): MSE = mean over images of ‖x − AE(x)‖²/784; "
+    "Definitions ({n_test} {dataset} test images, pixels in [0, 1]): MSE = mean over images of ‖x − AE(x)‖²/784; "
     "MSE noisy = the same with AE(x̃), x̃ the fixed noisy test copy; accuracy = an MLP trained on "
     "the frozen encoder codes of the clean training images, tested on the clean test codes "
-    "(accuracy noisy: on the codes of x̃). Models were selected on a 5k validation split; the "
-    "test set was used for nothing else.")
+    "(accuracy noisy: on the codes of x̃). Models were selected on a {n_val}-image validation "
+    "split held out of the training set; the test set was used for nothing else.")
 
 
 def summarize(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -55,7 +55,8 @@ def _fmt(metric: str, mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = "mnist") -> str:
+def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = "mnist",
+             n_test: int = 10000, n_val: int = 5000) -> str:
     """The slide's table with our numbers beside it; ✓ where ours is at least as good."""
     lines = [f"# Results: deep denoising autoencoders on {dataset.upper()}", "",
              f"Ours: mean ± std over {n_seeds} seed(s). Slide: the published table. "
@@ -72,5 +73,5 @@ def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = 
                       f"{100 * slide:.1f} %" if metric == "accuracy" else f"{slide:.3f}"]
         cells.append(_fmt("accuracy", row["accuracy_noisy"], row["accuracy_noisy_std"]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", DEFINITIONS, ""]
+    lines += ["", DEFINITIONS.format(n_test=n_test, n_val=n_val, dataset=dataset.upper()), ""]
     return "\n".join(lines)

@@ -21,6 +21,9 @@ from dae.io import save_torch
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+# Turns a training batch into a new one using a seeded generator on the data's device, e.g.
+# (clean,) -> (freshly corrupted, clean): every epoch sees new noise.
+Augment = Callable[[Sequence[torch.Tensor], torch.Generator], Sequence[torch.Tensor]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,11 +80,12 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Ten
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
         config: FitConfig, *, seed: int, desc: str,
         on_epoch: Callable[[dict], None] | None = None,
-        checkpoint: Path | None = None) -> FitResult:
+        checkpoint: Path | None = None, augment: Augment | None = None) -> FitResult:
     """Train `model` in place with Adam; keep the parameters of the best validation epoch.
 
     `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
-    the model's device; `loss_fn(model, batch)` turns one batch into a scalar loss. If
+    the model's device; `loss_fn(model, batch)` turns one batch into a scalar loss; `augment`,
+    if given, rewrites each training batch first (validation batches are used as they are). If
     `checkpoint` is given, the full training state is saved there after every epoch and, if
     the file exists when `fit` starts, training resumes from it (bit-identical on CPU).
     """
@@ -91,6 +95,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     # Index permutations come from a CPU generator: identical on every device.
     generator = torch.Generator().manual_seed(seed)
+    device = train[0].device
+    augment_generator = torch.Generator(device).manual_seed(seed + 1)
     result = FitResult()
     best_state = copy.deepcopy(model.state_dict())
     start_epoch = 1
@@ -101,19 +107,23 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        augment_generator.set_state(state["augment_generator"])
         result, best_state = state["result"], state["best_state"]
         start_epoch = state["epoch"] + 1
         log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
 
     model.train()
     for epoch in range(start_epoch, config.epochs + 1):
-        order = torch.randperm(n, generator=generator).to(train[0].device)
-        running = torch.zeros((), device=train[0].device)
+        order = torch.randperm(n, generator=generator).to(device)
+        running = torch.zeros((), device=device)
         bar = tqdm(range(0, n, config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}",
                    leave=False, mininterval=1.0, disable=None)
         for start in bar:
             idx = order[start:start + config.batch_size]
-            loss = loss_fn(model, [t[idx] for t in train])
+            batch = [t[idx] for t in train]
+            if augment is not None:
+                batch = augment(batch, augment_generator)
+            loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -138,7 +148,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         if checkpoint is not None:
             save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(),
-                                    "generator": generator.get_state(), "epoch": epoch,
+                                    "generator": generator.get_state(),
+                                    "augment_generator": augment_generator.get_state(), "epoch": epoch,
                                     "result": result, "best_state": best_state})
     model.load_state_dict(best_state)
     model.eval()

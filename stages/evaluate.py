@@ -68,11 +68,12 @@ def main() -> None:
         write_json(REPORTS / "metrics.json", summary)
         frame = pd.DataFrame(report.table_rows(summary))
         write_with(REPORTS / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
-        write_text(REPORTS / "results.md",
-                   report.markdown(summary, len(params["seeds"]), params["data"]["dataset"]))
+        table = report.markdown(summary, len(params["seeds"]), params["data"]["dataset"],
+                                n_test=len(test["labels"]), n_val=len(val["labels"]))
+        write_text(REPORTS / "results.md", table)
         for artifact in ("metrics.json", "results.csv", "results.md"):
             run.log_artifact(REPORTS / artifact)
-        print(report.markdown(summary, len(params["seeds"]), params["data"]["dataset"]))
+        print(table)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ shallow   1+1: 784 -> bottleneck, random init, trained end to end
 greedy    8+8: the pretrained stack of data/models/pretrain/layer_8.pt, no further training
 random_ft 8+8: random init, trained end to end
 greedy_ft 8+8: initialised from the pretrained stack, trained end to end
-Training reconstructs the clean image from its noisy copy; the best validation epoch is kept.
+Training reconstructs the clean image from a noisy copy: with finetune.fresh_noise, a new
+corruption (same type and level as the noise stage) of every batch, else the noise stage's fixed
+copy. Validation always uses the fixed copy; the best validation epoch is kept.
 """
 import argparse
 
 from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, load_checkpoint, load_params, log,
                            make_deterministic, run_stage, select_device, write_curve)
 
-SECTIONS = ["arch", "finetune", "seeds", "device"]
+SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 
 
 def main() -> None:
@@ -19,6 +21,7 @@ def main() -> None:
 
     from dae.io import save_torch
     from dae.model import TiedAutoencoder
+    from dae.noise import corrupt
     from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
     from dae.tracking import stage_run
     from dae.train import FitConfig, evaluate_loss, fit, reconstruction_loss
@@ -36,6 +39,16 @@ def main() -> None:
     pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
                   if name in ("greedy", "greedy_ft") else None)
     train, val = load_split("train", device), load_split("val", device)
+    noise = params["noise"]
+    if cfg["fresh_noise"]:
+        # A fixed noisy copy lets the deep models memorise its noise (train loss well below
+        # validation loss); fresh corruption every epoch, as in Vincent et al. 2008, does not.
+        train_inputs = (train["clean"],)
+
+        def augment(batch, generator):
+            return corrupt(batch[0], noise["type"], noise["level"], generator, noise["clip"]), batch[0]
+    else:
+        train_inputs, augment = (train["noisy"], train["clean"]), None
 
     stage = f"finetune@{name}"
     states, histories = {}, []
@@ -55,9 +68,9 @@ def main() -> None:
                         for split, data in (("train", train), ("val", val))}}]
                     run.log_metrics({"best_val_loss": history[0]["val_loss"]})
                 else:
-                    result = fit(model, reconstruction_loss, (train["noisy"], train["clean"]),
+                    result = fit(model, reconstruction_loss, train_inputs,
                                  (val["noisy"], val["clean"]), config, seed=seed,
-                                 desc=f"{stage} seed {seed}",
+                                 desc=f"{stage} seed {seed}", augment=augment,
                                  on_epoch=lambda row: run.log_metrics(row, step=row["epoch"]))
                     history = result.history
                     run.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
