@@ -18,6 +18,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "DAE_DATA_MIRROR"
+PUBLIC_ENV = "DAE_PUBLIC_MIRRORS"  # "off": use $DAE_DATA_MIRROR only (offline machines fail fast)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def _mirror_list(spec: DatasetSpec) -> list[str]:
     local = os.environ.get(MIRROR_ENV)
     if local:
         mirrors.append(local)
-    mirrors.extend(spec.mirrors)
+    if os.environ.get(PUBLIC_ENV, "on").lower() not in ("off", "0", "false", "no"):
+        mirrors.extend(spec.mirrors)
+    if not mirrors:
+        raise DataError(f"no mirrors to try: {PUBLIC_ENV}=off and {MIRROR_ENV} is not set")
     return mirrors
 
 

@@ -80,14 +80,15 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Ten
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
         config: FitConfig, *, seed: int, desc: str,
         on_epoch: Callable[[dict], None] | None = None,
-        checkpoint: Path | None = None, augment: Augment | None = None) -> FitResult:
+        checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None) -> FitResult:
     """Train `model` in place with Adam; keep the parameters of the best validation epoch.
 
     `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
     the model's device; `loss_fn(model, batch)` turns one batch into a scalar loss; `augment`,
     if given, rewrites each training batch first (validation batches are used as they are). If
     `checkpoint` is given, the full training state is saved there after every epoch and, if
-    the file exists when `fit` starts, training resumes from it (bit-identical on CPU).
+    the file exists when `fit` starts and carries the same `fingerprint` (what was being
+    trained: params, initial weights, data), training resumes from it (bit-identical on CPU).
     """
     n = train[0].shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -101,8 +102,16 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     best_state = copy.deepcopy(model.state_dict())
     start_epoch = 1
 
+    state = None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=train[0].device, weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a broken checkpoint only costs a restart
+            log.warning("%s: ignoring unreadable checkpoint %s (%s)", desc, checkpoint, exc)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            log.info("%s: checkpoint %s is from other params or data; starting afresh", desc, checkpoint)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -150,7 +159,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
                                     "scheduler": scheduler.state_dict(),
                                     "generator": generator.get_state(),
                                     "augment_generator": augment_generator.get_state(), "epoch": epoch,
-                                    "result": result, "best_state": best_state})
+                                    "result": result, "best_state": best_state,
+                                    "fingerprint": fingerprint})
     model.load_state_dict(best_state)
     model.eval()
     return result

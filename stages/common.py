@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,8 @@ NOISY_DIR = Path("data/noisy")
 PRETRAIN_DIR = Path("data/models/pretrain")
 FINETUNE_DIR = Path("data/models/finetune")
 CURVES_DIR = Path("reports/curves")
+CHECKPOINT_DIR = Path("data/checkpoints")  # per-epoch training state; not a DVC output
+RESUME_ENV = "DAE_RESUME"
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
@@ -27,6 +30,14 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     from dae.train import TrainingDiverged
 
     known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError)
+
+    def interrupted(signum, _frame):
+        # Unwind normally so that half-written temporary files are removed (see dae.io).
+        raise SystemExit(f"stage {name} interrupted by {signal.Signals(signum).name}; "
+                         "its outputs were not replaced. Rerun `dvc repro`.")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         main()
     except known as exc:
@@ -108,3 +119,27 @@ def write_curve(path: Path, histories: list[list[dict]]) -> None:
 
     frame = pd.concat([pd.DataFrame(h) for h in histories]).groupby("epoch", as_index=False).mean()
     write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))
+
+
+def training_checkpoint(stage: str, seed: int, stage_params: dict, model, inputs) -> tuple[Path | None, str]:
+    """Where a training run of `stage` saves its per-epoch state, and the fingerprint that
+    decides whether a checkpoint left there by an interrupted run may be resumed: the stage's
+    params, the initial weights and the training data. DAE_RESUME=off disables it."""
+    import hashlib
+    import json
+
+    if os.environ.get(RESUME_ENV, "on").lower() in ("off", "0", "false", "no"):
+        return None, ""
+    digest = hashlib.sha256(json.dumps(stage_params, sort_keys=True, default=str).encode())
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    digest.update(f"{tuple(inputs.shape)}".encode())
+    digest.update(inputs[:256].detach().cpu().numpy().tobytes())
+    return CHECKPOINT_DIR / stage.replace("@", "_") / f"seed_{seed}.pt", digest.hexdigest()
+
+
+def clear_checkpoints(stage: str) -> None:
+    """The stage finished and wrote its outputs: its resume state is no longer needed."""
+    import shutil
+
+    shutil.rmtree(CHECKPOINT_DIR / stage.replace("@", "_"), ignore_errors=True)

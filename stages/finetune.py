@@ -10,8 +10,9 @@ copy. Validation always uses the fixed copy; the best validation epoch is kept.
 """
 import argparse
 
-from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, load_checkpoint, load_params, log,
-                           make_deterministic, run_stage, select_device, write_curve)
+from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint,
+                           load_params, log, make_deterministic, run_stage, select_device,
+                           training_checkpoint, write_curve)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 
@@ -68,9 +69,11 @@ def main() -> None:
                         for split, data in (("train", train), ("val", val))}}]
                     run.log_metrics({"best_val_loss": history[0]["val_loss"]})
                 else:
+                    checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
                     result = fit(model, reconstruction_loss, train_inputs,
                                  (val["noisy"], val["clean"]), config, seed=seed,
                                  desc=f"{stage} seed {seed}", augment=augment,
+                                 checkpoint=checkpoint, fingerprint=fingerprint,
                                  on_epoch=lambda row: run.log_metrics(row, step=row["epoch"]))
                     history = result.history
                     run.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
@@ -82,6 +85,7 @@ def main() -> None:
         curve = CURVES_DIR / f"finetune_{name}.csv"
         write_curve(curve, histories)
         run.log_artifact(curve)
+    clear_checkpoints(stage)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ checkpoint holds the whole stack 1..k for every seed, so stage k+1 depends on th
 """
 import argparse
 
-from stages.common import (CURVES_DIR, PRETRAIN_DIR, load_checkpoint, load_params, log,
-                           make_deterministic, run_stage, select_device, write_curve)
+from stages.common import (CURVES_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint, load_params, log,
+                           make_deterministic, run_stage, select_device, training_checkpoint, write_curve)
 
 SECTIONS = ["arch", "pretrain", "seeds", "device"]
 
@@ -58,11 +58,12 @@ def main() -> None:
                                     output_sigmoid=k == 1)
             layer.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
             layer.to(device)
+            checkpoint, fingerprint = training_checkpoint(stage, seed, params, layer, codes["train"]["noisy"])
             with run.seed(seed, stage):
                 result = fit(layer, reconstruction_loss,
                              (codes["train"]["noisy"], codes["train"]["clean"]),
                              (codes["val"]["noisy"], codes["val"]["clean"]), config, seed=seed,
-                             desc=f"{stage} seed {seed}",
+                             desc=f"{stage} seed {seed}", checkpoint=checkpoint, fingerprint=fingerprint,
                              on_epoch=lambda row: run.log_metrics(row, step=row["epoch"]))
                 run.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
             stacks[seed] = TiedAutoencoder.stack(layers + [layer]).cpu().state_dict()
@@ -74,6 +75,7 @@ def main() -> None:
         curve = CURVES_DIR / f"pretrain_layer_{k}.csv"
         write_curve(curve, histories)
         run.log_artifact(curve)
+    clear_checkpoints(stage)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Benchmark: our fit loop against a plain DataLoader loop, and a full `dvc repro --force`.
+
+    python bench/benchmark.py               # both; writes reports/benchmark.json
+    python bench/benchmark.py --skip-repro  # the epoch comparison only (needs data/noisy from `dvc repro noise`)
+
+Prints, for one fine-tuning epoch of the 8+8 model at params.yaml's batch size, the images/s of
+our loop (data as tensors on the device, batches by index permutation) and of a
+torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer and batch size,
+and their ratio; then the wall time and peak RSS (largest stage process) of `dvc repro --force`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def epoch_throughput(params: dict, device) -> tuple[float, float]:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dae.model import TiedAutoencoder
+    from dae.params import model_arch
+    from dae.train import FitConfig, fit, reconstruction_loss
+    from stages.common import load_split
+
+    cfg = params["finetune"]
+    train, val = load_split("train", device), load_split("val", device)
+    n = len(train["clean"])
+    tiny_val = (val["noisy"][:256], val["clean"][:256])  # keep validation out of the timing
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return TiedAutoencoder.from_arch(model_arch(params, "random_ft")).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Warm-up (kernels, allocator), then one timed epoch of our loop.
+    fit(fresh_model(), reconstruction_loss, (train["noisy"][:2048], train["clean"][:2048]), tiny_val,
+        FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="warm-up")
+    model = fresh_model()
+    sync()
+    start = time.perf_counter()
+    fit(model, reconstruction_loss, (train["noisy"], train["clean"]), tiny_val,
+        FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="ours")
+    sync()
+    ours = n / (time.perf_counter() - start)
+
+    # The usual baseline: a DataLoader over CPU tensors, each batch copied to the device.
+    loader = DataLoader(TensorDataset(train["noisy"].cpu(), train["clean"].cpu()),
+                        batch_size=cfg["batch_size"], shuffle=True)
+    model = fresh_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    sync()
+    start = time.perf_counter()
+    for noisy, clean in loader:
+        noisy, clean = noisy.to(device), clean.to(device)
+        loss = torch.mean((model(noisy) - clean) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync()
+    baseline = n / (time.perf_counter() - start)
+    return ours, baseline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-repro", action="store_true", help="only the epoch comparison")
+    parser.add_argument("--out", default="reports/benchmark.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from dae.params import load
+    from stages.common import select_device
+
+    params = load("params.yaml")
+    device = select_device(params["device"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"device: {name}")
+    ours, baseline = epoch_throughput(params, device)
+    result = {"device": name, "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
+              "ratio": round(ours / baseline, 3)}
+    print(f"one fine-tuning epoch, 8+8 model, batch {params['finetune']['batch_size']}: "
+          f"ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, ratio {ours / baseline:.2f}")
+
+    if not args.skip_repro:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dvc", "repro", "--force"], check=True, cwd=ROOT)
+        result["repro_seconds"] = round(time.perf_counter() - start, 1)
+        # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
+        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        result["seeds"] = len(params["seeds"])
+        print(f"dvc repro --force ({len(params['seeds'])} seeds): {result['repro_seconds']:.0f} s, "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Fault injection: real stage processes fed bad data, bad params, broken artifacts, a dead
+tracking server, an unwritable output folder and SIGTERM. Each case checks the exit status,
+that the message names the cause, and that no output was half-written or silently replaced."""
+import gzip
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Workspace:
+    def __init__(self, path: Path, mirror: Path):
+        self.path = path
+        self.env = {**os.environ, "DAE_DATA_MIRROR": str(mirror), "DAE_TRACKING": "off",
+                    "PYTHONPATH": str(path)}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def set_param(self, key: str, value) -> None:
+        params = self.params()
+        node = params
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def stage(self, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def snapshot(self, folder: str) -> dict[str, bytes]:
+        base = self.path / folder
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, mnist_mirror):
+    """A tiny-profile workspace where download, noise and pretrain_layer 1 have run once."""
+    path = tmp_path_factory.mktemp("faults")
+    for item in ("dae", "stages", "params.yaml", "tests/tiny_params.yaml"):
+        src = ROOT / item
+        (path / item).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, path / item)
+    (path / ".dvc").mkdir()
+    ws = Workspace(path, mnist_mirror)
+    tiny = yaml.safe_load((path / "tests/tiny_params.yaml").read_text())
+    params = ws.params()
+    for key, value in tiny.items():
+        params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")):
+        result = ws.stage(*args)
+        assert result.returncode == 0, result.stderr
+    return ws
+
+
+@pytest.fixture()
+def ws(prepared, tmp_path):
+    """A fresh copy of the prepared workspace for each case."""
+    copy = tmp_path / "ws"
+    shutil.copytree(prepared.path, copy)
+    return Workspace(copy, Path(prepared.env["DAE_DATA_MIRROR"]))
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
+
+
+def bad_mirror(ws: Workspace, tmp_path: Path) -> Path:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(ws.env["DAE_DATA_MIRROR"], mirror)
+    for f in mirror.iterdir():
+        f.chmod(0o644)
+    return mirror
+
+
+def assert_download_failed(ws, result, *names):
+    assert result.returncode == 1, result.stderr
+    assert "ERROR in stage download" in result.stderr
+    for name in names:
+        assert name in result.stderr
+    assert no_temp_files(ws.path / "data" / "raw")
+
+
+# --- Data -----------------------------------------------------------------------------------
+
+def run_download(ws, mirror):
+    shutil.rmtree(ws.path / "data" / "raw")  # as DVC does before running the stage
+    # Only the given mirror: the public ones are unreachable here and would only add time.
+    return ws.stage("stages.download", env={"DAE_DATA_MIRROR": str(mirror), "DAE_PUBLIC_MIRRORS": "off"})
+
+
+def test_truncated_gz(ws, tmp_path):
+    mirror = bad_mirror(ws, tmp_path)
+    gz = mirror / "t10k-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:10000])
+    assert_download_failed(ws, run_download(ws, mirror), "t10k-images-idx3-ubyte", "truncated or corrupt")
+    assert not any((ws.path / "data" / "raw").iterdir())  # no partial set of files
+
+
+def test_checksum_mismatch(ws, tmp_path):
+    mirror = bad_mirror(ws, tmp_path)
+    gz = mirror / "train-labels-idx1-ubyte.gz"
+    data = bytearray(gzip.decompress(gz.read_bytes()))
+    data[-1] ^= 0xFF
+    gz.write_bytes(gzip.compress(bytes(data)))
+    assert_download_failed(ws, run_download(ws, mirror), "checksum mismatch for train-labels-idx1-ubyte")
+    assert not any((ws.path / "data" / "raw").iterdir())
+
+
+def test_missing_file_in_mirror(ws, tmp_path):
+    mirror = bad_mirror(ws, tmp_path)
+    (mirror / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert_download_failed(ws, run_download(ws, mirror), "t10k-labels-idx1-ubyte is missing from mirror")
+
+
+def test_empty_mirror_directory(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_download_failed(ws, run_download(ws, tmp_path / "empty"), "train-images-idx3-ubyte is missing")
+
+
+def test_unreachable_mirror(ws):
+    result = run_download(ws, "http://127.0.0.1:9/mnist")
+    assert_download_failed(ws, result, "could not download http://127.0.0.1:9/mnist/train-images-idx3-ubyte.gz")
+
+
+def test_wrong_idx_magic(ws):
+    raw = ws.path / "data" / "raw" / "train-labels-idx1-ubyte"
+    raw.write_bytes(b"\x00\x00\x08\x02" + raw.read_bytes()[4:])
+    before = ws.snapshot("data/noisy")
+    result = ws.stage("stages.noise")
+    assert result.returncode == 1 and "train-labels-idx1-ubyte: wrong IDX magic number" in result.stderr
+    assert ws.snapshot("data/noisy") == before
+
+
+def test_wrong_image_count(ws):
+    raw = ws.path / "data" / "raw" / "t10k-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-784])  # one image short of what the header says
+    result = ws.stage("stages.noise")
+    assert result.returncode == 1 and "t10k-images-idx3-ubyte: header says (10000, 28, 28)" in result.stderr
+
+
+def test_wrong_dimensions(ws):
+    from tests.test_data import write_idx
+    import numpy as np
+
+    write_idx(ws.path / "data" / "raw" / "t10k-images-idx3-ubyte", np.zeros((10000, 14, 56), np.uint8))
+    result = ws.stage("stages.noise")
+    assert result.returncode == 1 and "expected 28x28 images" in result.stderr
+
+
+# --- Params ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage, key, value, message", [
+    ("stages.noise", "noise.level", -0.3, "noise.level: must be a finite number >= 0, got -0.3"),
+    ("stages.noise", "noise.level", float("nan"), "noise.level: must be a finite number >= 0, got nan"),
+    ("stages.noise", "noise.type", "speckle", "noise.type: must be one of"),
+    ("stages.download", "data.dataset", "cifar10", "data.dataset: must be one of"),
+    ("stages.pretrain_layer", "arch.hidden", [64, 56, "x", 40, 32, 24, 16], "arch.hidden: must be a non-empty list"),
+    ("stages.pretrain_layer", "arch.bottleneck", 100, "arch.bottleneck: 100 is wider than the narrowest"),
+    ("stages.pretrain_layer", "pretrain.epochs", 0, "pretrain.epochs: must be an integer >= 1, got 0"),
+    ("stages.pretrain_layer", "pretrain.lr", -0.1, "pretrain.lr: must be a finite number > 0"),
+    ("stages.pretrain_layer", "pretrain.batch_size", 0, "pretrain.batch_size: must be an integer >= 1"),
+    ("stages.pretrain_layer", "device", "tpu", "device: must be one of ['auto', 'cpu', 'cuda']"),
+])
+def test_bad_params_fail_before_any_work(ws, stage, key, value, message):
+    ws.set_param(key, value)
+    args = (stage, "1") if stage == "stages.pretrain_layer" else (stage,)
+    folder = {"stages.noise": "data/noisy", "stages.download": "data/raw"}.get(stage, "data/models")
+    before = ws.snapshot(folder)
+    result = ws.stage(*args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert ws.snapshot(folder) == before  # nothing replaced
+
+
+def test_masking_fraction_out_of_range(ws):
+    ws.set_param("noise.type", "masking")
+    ws.set_param("noise.level", 1.2)
+    result = ws.stage("stages.noise")
+    assert result.returncode == 1 and "noise.level: a masking fraction must be in [0, 1]" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(ws):
+    ws.set_param("device", "cuda")
+    result = ws.stage("stages.pretrain_layer", "1")
+    assert result.returncode == 1 and "'cuda' was requested but CUDA is not available" in result.stderr
+
+
+# --- Artifacts and training -----------------------------------------------------------------
+
+def test_corrupt_checkpoint(ws):
+    (ws.path / "data/models/pretrain/layer_1.pt").write_bytes(b"not a checkpoint at all")
+    result = ws.stage("stages.pretrain_layer", "2")
+    assert result.returncode == 1 and "layer_1.pt is corrupt" in result.stderr
+    assert not (ws.path / "data/models/pretrain/layer_2.pt").exists()
+
+
+def test_checkpoint_architecture_mismatch(ws):
+    ws.set_param("arch.hidden", [60, 56, 48, 40, 32, 24, 16])
+    result = ws.stage("stages.pretrain_layer", "2")
+    assert result.returncode == 1 and "layer_1.pt has architecture" in result.stderr
+    assert "[784, 64]" in result.stderr and "[784, 60]" in result.stderr
+
+
+def test_diverging_loss_names_stage_epoch_and_lr(ws):
+    ws.set_param("pretrain.lr", 1e38)  # Adam steps of ~lr overflow float32
+    before = ws.snapshot("data/models")
+    result = ws.stage("stages.pretrain_layer", "1")
+    assert result.returncode == 1, result.stderr
+    assert "pretrain_layer@1 seed 0: loss became nan at epoch 1" in result.stderr
+    assert "lower learning rate" in result.stderr
+    assert ws.snapshot("data/models") == before
+
+
+def test_unreachable_tracking_server_fails_fast(ws):
+    start = time.monotonic()
+    result = ws.stage("stages.pretrain_layer", "1",
+                      env={"DAE_TRACKING": "on", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.returncode == 1 and "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
+    assert "DAE_TRACKING=off" in result.stderr and "epoch 1" not in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_unwritable_output_folder(ws):
+    shutil.rmtree(ws.path / "data/models/pretrain")
+    (ws.path / "data/models/pretrain").write_text("a file where the output folder should be")
+    result = ws.stage("stages.pretrain_layer", "1")
+    assert result.returncode == 1 and "ERROR in stage pretrain_layer" in result.stderr
+    assert "data/models/pretrain" in result.stderr
+
+
+# --- Interruptions and determinism ----------------------------------------------------------
+
+def test_sigterm_mid_training_leaves_the_old_output_and_resumes(ws):
+    ws.set_param("finetune.epochs", 40)
+    ws.set_param("data.train_limit", 2000)
+    for k in range(2, 9):
+        assert ws.stage("stages.pretrain_layer", str(k)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", "random_ft"], cwd=ws.path, env=ws.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until a few epochs have been checkpointed
+        lines.append(line)
+        if "epoch 3/40" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1 and "interrupted by SIGTERM" in rest
+    assert not (ws.path / "data/models/finetune/random_ft.pt").exists()
+    assert no_temp_files(ws.path / "data")
+    assert list((ws.path / "data/checkpoints/finetune_random_ft").glob("seed_0.pt"))
+
+    resumed = ws.stage("stages.finetune", "random_ft")
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming after epoch [3-9]", resumed.stderr), resumed.stderr
+    assert not (ws.path / "data/checkpoints/finetune_random_ft").exists()
+    resumed_state = torch.load(ws.path / "data/models/finetune/random_ft.pt")["seeds"][0]
+
+    uninterrupted = ws.stage("stages.finetune", "random_ft")
+    assert uninterrupted.returncode == 0 and "resuming" not in uninterrupted.stderr
+    state = torch.load(ws.path / "data/models/finetune/random_ft.pt")["seeds"][0]
+    assert all(torch.equal(state[k], resumed_state[k]) for k in state)
+
+
+def test_two_cpu_runs_are_bit_identical(ws):
+    for k in range(2, 9):
+        assert ws.stage("stages.pretrain_layer", str(k)).returncode == 0
+    for model in ("shallow", "greedy", "random_ft", "greedy_ft"):
+        assert ws.stage("stages.finetune", model).returncode == 0
+    metrics = []
+    for _ in range(2):
+        shutil.rmtree(ws.path / "data/models/pretrain")
+        for k in range(1, 9):
+            assert ws.stage("stages.pretrain_layer", str(k)).returncode == 0
+        assert ws.stage("stages.finetune", "greedy_ft").returncode == 0
+        assert ws.stage("stages.evaluate").returncode == 0
+        metrics.append((ws.path / "reports/metrics.json").read_bytes())
+    assert metrics[0] == metrics[1]
