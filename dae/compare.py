@@ -1,0 +1,121 @@
+"""Compare pipeline executions logged to MLflow: the params that differ and every model's metrics.
+
+    python -m dae.compare EXP [EXP ...] [--x noise.level] [--out reports/compare]
+
+Each EXP is a DVC experiment name (the `dvc_exp_name` tag), a `pipeline_id` tag, or an MLflow
+run id of an `evaluate` run. The params of an execution are the union of what its stages
+logged; the metrics are its evaluate run's. Writes <out>.md, <out>.csv and, with --x, <out>.png
+(each metric against that param, one line per model). Reads MLflow's API only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dae.report import LABELS, METRICS
+
+
+def _evaluate_run(client, experiment_ids: list[str], key: str):
+    """The newest evaluate run whose dvc_exp_name, pipeline_id or run id is `key`."""
+    for clause in (f"tags.dvc_exp_name = '{key}'", f"tags.pipeline_id = '{key}'"):
+        runs = client.search_runs(experiment_ids, f"tags.stage = 'evaluate' and {clause}",
+                                  order_by=["attributes.start_time DESC"], max_results=200)
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # not the per-seed runs
+        if parents:
+            return parents[0]
+    try:
+        run = client.get_run(key)
+    except Exception:  # noqa: BLE001 - not a run id either
+        return None
+    return run if run.data.tags.get("stage") == "evaluate" else None
+
+
+def collect(keys: list[str], experiment: str = "dae-mnist") -> pd.DataFrame:
+    """One row per execution: its params (union over its stages) and the evaluate metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from dae.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"no MLflow experiment {experiment!r} at {tracking_uri()}")
+    rows = []
+    for key in keys:
+        run = _evaluate_run(client, [found.experiment_id], key)
+        if run is None:
+            raise SystemExit(f"no evaluate run found for {key!r} (a DVC experiment name, pipeline_id or run id)")
+        pipeline_id = run.data.tags.get("pipeline_id", "")
+        params: dict[str, str] = {}
+        stage_runs = client.search_runs([found.experiment_id], f"tags.pipeline_id = '{pipeline_id}'",
+                                        max_results=1000)
+        for stage_run in stage_runs + [run]:
+            if "mlflow.parentRunId" not in stage_run.data.tags:
+                params.update(stage_run.data.params)
+        row = {"experiment": key, "pipeline_id": pipeline_id}
+        row |= {f"param {k}": v for k, v in sorted(params.items())}
+        row |= {f"{m}.{metric}": run.data.metrics.get(f"{m}.{metric}") for m in LABELS for metric in METRICS}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def differing(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep the params that differ between executions, and every metric."""
+    keep = [c for c in frame.columns
+            if not c.startswith("param ") or frame[c].astype(str).nunique(dropna=False) > 1]
+    return frame[keep]
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    def fmt(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    lines = [header, "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(frame: pd.DataFrame, x: str, path: Path) -> None:
+    from dae.figures import plt, save
+
+    column = f"param {x}"
+    if column not in frame:
+        raise SystemExit(f"--x {x}: no such param in these runs")
+    data = frame.assign(_x=pd.to_numeric(frame[column], errors="coerce")).sort_values("_x")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ("mse", "mse_noisy", "accuracy")):
+        for model, label in LABELS.items():
+            ax.plot(data["_x"], data[f"{model}.{metric}"], marker="o", label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Test metrics against {x}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--x", help="a param to plot the metrics against, e.g. noise.level")
+    parser.add_argument("--out", default="reports/compare", help="output path without extension")
+    args = parser.parse_args(argv)
+
+    from dae.io import write_text, write_with
+
+    frame = differing(collect(args.experiments))
+    out = Path(args.out)
+    write_with(out.with_suffix(".csv"), lambda tmp: frame.to_csv(tmp, index=False))
+    write_text(out.with_suffix(".md"), to_markdown(frame))
+    if args.x:
+        plot(frame, args.x, out.with_suffix(".png"))
+    sys.stdout.write(to_markdown(frame))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+import pandas as pd
+import pytest
+
+from dae import compare, tracking
+from dae.report import LABELS
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    """Two pipeline executions (noise level 0.1 and 0.5) logged as the stages log them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DAE_TRACKING", raising=False)
+    for name, level in (("sigma-01", 0.1), ("sigma-05", 0.5)):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        (tmp_path / "params.yaml").write_text(f"noise: {{level: {level}}}\n")
+        with tracking.stage_run("finetune@greedy_ft", {"noise.level": level, "finetune.epochs": 30}) as run:
+            with run.seed(0, "finetune@greedy_ft"):
+                run.log_metrics({"val_loss": level / 10}, step=1)
+        with tracking.stage_run("evaluate", {"classifier.epochs": 30}) as run:
+            with run.seed(0, "evaluate greedy_ft"):
+                run.log_metrics({"mse": 1.0})  # a per-seed run: must not be taken for the summary
+            run.log_metrics({f"{m}.{k}": level * (i + 1) for i, m in enumerate(LABELS)
+                             for k in ("mse", "mse_noisy", "accuracy", "accuracy_noisy")})
+    return tmp_path
+
+
+def test_compare_by_experiment_name(store):
+    frame = compare.differing(compare.collect(["sigma-01", "sigma-05"]))
+    assert list(frame["experiment"]) == ["sigma-01", "sigma-05"]
+    assert list(frame["param noise.level"]) == ["0.1", "0.5"]
+    assert "param finetune.epochs" not in frame  # the same in both: left out
+    assert frame["greedy_ft.mse"].tolist() == pytest.approx([0.4, 2.0])
+
+
+def test_compare_writes_table_csv_and_plot(store):
+    compare.main(["sigma-01", "sigma-05", "--x", "noise.level", "--out", str(store / "out" / "cmp")])
+    table = (store / "out" / "cmp.md").read_text()
+    assert table.count("\n| sigma-0") == 2
+    assert pd.read_csv(store / "out" / "cmp.csv").shape[0] == 2
+    assert (store / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_experiment_is_a_clear_error(store):
+    with pytest.raises(SystemExit, match="no evaluate run found for 'nope'"):
+        compare.collect(["nope"])
