@@ -66,7 +66,7 @@ def main() -> None:
         run.log_metrics({f"{model}.{metric}": value for model, row in summary.items()
                          for metric, value in row.items()})
         write_json(REPORTS / "metrics.json", summary)
-        frame = pd.DataFrame(report.table_rows(summary))
+        frame = pd.DataFrame(report.table_rows(summary, with_slide=params["data"]["dataset"] == "mnist"))
         write_with(REPORTS / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
         table = report.markdown(summary, len(params["seeds"]), params["data"]["dataset"],
                                 n_test=len(test["labels"]), n_val=len(val["labels"]))

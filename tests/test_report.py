@@ -27,3 +27,12 @@ def test_markdown_has_the_four_rows_and_the_slide_numbers():
     assert "0.056" in text and "98.2 %" in text and "over 2 seed(s)" in text
     greedy_ft = [r for r in table_rows(summary) if r["model"] == "greedy_ft"][0]
     assert greedy_ft["mse_meets_slide"] is False and greedy_ft["accuracy_meets_slide"] is True
+
+
+def test_other_datasets_show_ours_only():
+    summary = summarize({m: runs([0.02]) for m in SLIDE})
+    text = markdown(summary, n_seeds=1, dataset="fashion-mnist")
+    assert "FASHION-MNIST" in text and "slide has no numbers" in text
+    assert "0.056" not in text and "✓" not in text
+    assert len([line for line in text.splitlines() if line.startswith(("| 1+1", "| 8+8"))]) == 4
+    assert "mse_slide" not in table_rows(summary, with_slide=False)[0]
