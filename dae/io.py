@@ -50,6 +50,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save, atomically and byte-for-byte reproducibly.
+
+    Saved to a file, torch names the archive's folder after that file, here a random temporary
+    name: the same tensors would give different bytes, and DVC would see a changed output.
+    Serialising to memory first gives the fixed folder name "archive"."""
+    import io
+
     import torch
 
-    write_with(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_with(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))

@@ -20,8 +20,10 @@ CAPTIONS = {
                            "from the noisy copy.",
     "latent_space.png": "The 32-d test codes of each model projected to 2-D by PCA and t-SNE, coloured by digit.",
     "manifold.png": "The denoiser as a projection onto the digit manifold: pure noise and heavily corrupted digits "
-                    "iterated through the 8+8 greedy + FT model, and the digits decoded along the code space's "
-                    "two leading principal directions.",
+                    "(σ = 0.8) fed through the 8+8 greedy + FT model again and again. One step already turns every "
+                    "start into a smooth, stroke-like image; further steps drift along the manifold (towards "
+                    "digit-like shapes, not back to the original digit). Right: digits decoded along the code "
+                    "space's two leading principal directions.",
     "morphing.png": "Morphing between test digits: decoding interpolated codes (code space) stays on the digit "
                     "manifold, while the pixel-space cross-fade only superimposes the two images.",
     "pretrain_losses.png": "Validation loss of each greedily pretrained layer (reconstructing its input codes).",

@@ -39,3 +39,13 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     target = tmp_path / "x.txt"
     io.write_text(target, "x")
     assert target.stat().st_mode & 0o044  # readable by group/others (mkstemp alone gives 0600)
+
+
+def test_saved_checkpoints_are_byte_identical(tmp_path):
+    import torch
+
+    state = {"w": torch.arange(12.0).reshape(3, 4)}
+    io.save_torch(tmp_path / "a.pt", state)
+    io.save_torch(tmp_path / "b.pt", state)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], state["w"])
