@@ -41,6 +41,10 @@ class Workspace:
         return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
+    def copy(self, dest: Path) -> "Workspace":
+        shutil.copytree(self.path, dest)
+        return Workspace(dest, Path(self.env["DAE_DATA_MIRROR"]))
+
     def snapshot(self, folder: str) -> dict[str, bytes]:
         base = self.path / folder
         return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
@@ -70,9 +74,7 @@ def prepared(tmp_path_factory, mnist_mirror):
 @pytest.fixture()
 def ws(prepared, tmp_path):
     """A fresh copy of the prepared workspace for each case."""
-    copy = tmp_path / "ws"
-    shutil.copytree(prepared.path, copy)
-    return Workspace(copy, Path(prepared.env["DAE_DATA_MIRROR"]))
+    return prepared.copy(tmp_path / "ws")
 
 
 def no_temp_files(folder: Path) -> bool:
@@ -248,9 +250,7 @@ def test_unwritable_output_folder(ws):
 @pytest.fixture(scope="module")
 def full_chain(prepared, tmp_path_factory):
     """The prepared workspace with every training stage and evaluate run once."""
-    path = tmp_path_factory.mktemp("chain") / "ws"
-    shutil.copytree(prepared.path, path)
-    ws = Workspace(path, Path(prepared.env["DAE_DATA_MIRROR"]))
+    ws = prepared.copy(tmp_path_factory.mktemp("chain") / "ws")
     stages = [("stages.pretrain_layer", str(k)) for k in range(2, 9)]
     stages += [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")]
     for args in stages + [("stages.evaluate",)]:
@@ -261,9 +261,7 @@ def full_chain(prepared, tmp_path_factory):
 
 @pytest.fixture()
 def chain(full_chain, tmp_path):
-    copy = tmp_path / "ws"
-    shutil.copytree(full_chain.path, copy)
-    return Workspace(copy, Path(full_chain.env["DAE_DATA_MIRROR"]))
+    return full_chain.copy(tmp_path / "ws")
 
 
 def test_sigterm_mid_training_leaves_no_output_and_resumes_identically(chain):
@@ -284,7 +282,8 @@ def test_sigterm_mid_training_leaves_no_output_and_resumes_identically(chain):
 
     resumed = ws.stage("stages.finetune", "random_ft")
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(r"resuming after epoch [3-9]", resumed.stderr), resumed.stderr
+    # The kill came after epoch 3 was logged: epoch 2 at least was checkpointed.
+    assert re.search(r"resuming after epoch ([2-9]|[1-3][0-9])\b", resumed.stderr), resumed.stderr
     assert not (ws.path / "data/checkpoints/finetune_random_ft").exists()  # cleared once done
     resumed_state = torch.load(ws.path / "data/models/finetune/random_ft.pt")["seeds"][0]
 
@@ -295,11 +294,12 @@ def test_sigterm_mid_training_leaves_no_output_and_resumes_identically(chain):
 
 
 def test_two_cpu_runs_are_bit_identical(chain):
+    """Rerun every training stage and evaluate: the same bytes of metrics.json and models."""
     ws = chain
-    layer_1 = torch.load(ws.path / "data/models/pretrain/layer_1.pt")["seeds"][0]
-    metrics = (ws.path / "reports/metrics.json").read_bytes()
-    for args in (("stages.pretrain_layer", "1"), ("stages.finetune", "greedy_ft"), ("stages.evaluate",)):
+    before = {p: (ws.path / p).read_bytes() for p in
+              ["reports/metrics.json", "data/models/pretrain/layer_8.pt", "data/models/finetune/random_ft.pt"]}
+    stages = [("stages.pretrain_layer", str(k)) for k in range(1, 9)]
+    stages += [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")]
+    for args in stages + [("stages.evaluate",)]:
         assert ws.stage(*args).returncode == 0
-    again = torch.load(ws.path / "data/models/pretrain/layer_1.pt")["seeds"][0]
-    assert all(torch.equal(layer_1[k], again[k]) for k in layer_1)
-    assert (ws.path / "reports/metrics.json").read_bytes() == metrics
+    assert {p: (ws.path / p).read_bytes() for p in before} == before

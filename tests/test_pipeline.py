@@ -45,6 +45,9 @@ def workspace(tmp_path_factory, mnist_mirror):
     env = {**os.environ, "DAE_DATA_MIRROR": str(mnist_mirror),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # `dvc exp run` commits experiment refs: give git an identity even on a bare CI machine.
+    env |= {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
     env.pop("DAE_TRACKING", None)
 
     def run(*args, check=True):
@@ -114,3 +117,21 @@ def test_finetune_change_reruns_only_what_depends_on_it(workspace):
     ran = ran_stages(run(sys.executable, "-m", "dvc", "repro").stdout)
     assert {"finetune@shallow", "finetune@random_ft", "finetune@greedy_ft", "evaluate", "figures"} <= set(ran)
     assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]
+
+
+def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
+    """`dvc exp run -S arch.bottleneck=2`: the 2-D variant runs, and MLflow knows the experiment."""
+    ws, run, _ = workspace
+    result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
+    assert "figures" in ran_stages(result.stdout)
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft"}
+    assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
+    assert "2-d" in (ws / "reports" / "index.md").read_text()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dae-mnist"], filter_string="tags.dvc_exp_name = 'two-d'")
+    assert {"evaluate", "figures", "finetune@greedy_ft"} <= set(runs["tags.stage"])
+    shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
+    assert "two-d" in shown
