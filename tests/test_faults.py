@@ -16,6 +16,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAINING_STAGES = ([("stages.pretrain_layer", str(k)) for k in range(1, 9)]
+                   + [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")])
 
 
 class Workspace:
@@ -41,6 +43,12 @@ class Workspace:
         return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
+    def run_all(self, stages: list[tuple[str, ...]]) -> None:
+        """Run stages in order; each must succeed."""
+        for args in stages:
+            result = self.stage(*args)
+            assert result.returncode == 0, f"{args}: {result.stderr}"
+
     def copy(self, dest: Path) -> "Workspace":
         shutil.copytree(self.path, dest)
         return Workspace(dest, Path(self.env["DAE_DATA_MIRROR"]))
@@ -65,9 +73,7 @@ def prepared(tmp_path_factory, mnist_mirror):
     for key, value in tiny.items():
         params[key] = {**params[key], **value} if isinstance(value, dict) else value
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")):
-        result = ws.stage(*args)
-        assert result.returncode == 0, result.stderr
+    ws.run_all([("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")])
     return ws
 
 
@@ -251,11 +257,7 @@ def test_unwritable_output_folder(ws):
 def full_chain(prepared, tmp_path_factory):
     """The prepared workspace with every training stage and evaluate run once."""
     ws = prepared.copy(tmp_path_factory.mktemp("chain") / "ws")
-    stages = [("stages.pretrain_layer", str(k)) for k in range(2, 9)]
-    stages += [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")]
-    for args in stages + [("stages.evaluate",)]:
-        result = ws.stage(*args)
-        assert result.returncode == 0, result.stderr
+    ws.run_all(TRAINING_STAGES[1:] + [("stages.evaluate",)])
     return ws
 
 
@@ -298,8 +300,5 @@ def test_two_cpu_runs_are_bit_identical(chain):
     ws = chain
     before = {p: (ws.path / p).read_bytes() for p in
               ["reports/metrics.json", "data/models/pretrain/layer_8.pt", "data/models/finetune/random_ft.pt"]}
-    stages = [("stages.pretrain_layer", str(k)) for k in range(1, 9)]
-    stages += [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")]
-    for args in stages + [("stages.evaluate",)]:
-        assert ws.stage(*args).returncode == 0
+    ws.run_all(TRAINING_STAGES + [("stages.evaluate",)])
     assert {p: (ws.path / p).read_bytes() for p in before} == before
