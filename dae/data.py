@@ -44,6 +44,21 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
     ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        mirrors=(
+            # Debian's package dataset-fashion-mnist installs the original files here; a local
+            # folder is tried before the network (the checksums decide either way).
+            "/usr/share/datasets/fashion-mnist",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ),
+        sha256={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+    ),
 }
 
 # (file, expected number of items) per split.

@@ -63,7 +63,7 @@ def _fit_schema(section: str) -> dict[str, Callable]:
 
 
 SCHEMA: dict[str, Callable] = {
-    "data.dataset": _choice("mnist"),
+    "data.dataset": _choice("mnist", "fashion-mnist"),
     "data.val_size": _int(1),
     "data.split_seed": _int(0),
     "data.train_limit": _int(1, optional=True),

@@ -95,8 +95,6 @@ def load_checkpoint(path: Path, expected_arch: dict, seeds: list[int]) -> dict:
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as exc:
         raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(exc).__name__}: {exc}); "
                               "delete it and rerun `dvc repro`") from exc
@@ -119,6 +117,15 @@ def write_curve(path: Path, histories: list[list[dict]]) -> None:
 
     frame = pd.concat([pd.DataFrame(h) for h in histories]).groupby("epoch", as_index=False).mean()
     write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))
+
+
+def write_trained(run, model_path: Path, payload: dict, curve_path: Path, histories: list[list[dict]]) -> None:
+    """The tail of every training stage: the models of all seeds, the loss curve, its MLflow copy."""
+    from dae.io import save_torch
+
+    save_torch(model_path, payload)
+    write_curve(curve_path, histories)
+    run.log_artifact(curve_path)
 
 
 def training_checkpoint(stage: str, seed: int, stage_params: dict, model, inputs) -> tuple[Path | None, str]:

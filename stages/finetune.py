@@ -12,7 +12,7 @@ import argparse
 
 from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint,
                            load_params, log, make_deterministic, run_stage, select_device,
-                           training_checkpoint, write_curve)
+                           training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 
@@ -20,7 +20,6 @@ SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 def main() -> None:
     import torch
 
-    from dae.io import save_torch
     from dae.model import TiedAutoencoder
     from dae.noise import corrupt
     from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
@@ -81,10 +80,8 @@ def main() -> None:
                              result.best_epoch)
             states[seed] = model.cpu().state_dict()
             histories.append(history)
-        save_torch(FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states})
-        curve = CURVES_DIR / f"finetune_{name}.csv"
-        write_curve(curve, histories)
-        run.log_artifact(curve)
+        write_trained(run, FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states},
+                      CURVES_DIR / f"finetune_{name}.csv", histories)
     clear_checkpoints(stage)
 
 

@@ -7,7 +7,7 @@ checkpoint holds the whole stack 1..k for every seed, so stage k+1 depends on th
 import argparse
 
 from stages.common import (CURVES_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint, load_params, log,
-                           make_deterministic, run_stage, select_device, training_checkpoint, write_curve)
+                           make_deterministic, run_stage, select_device, training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "pretrain", "seeds", "device"]
 
@@ -16,7 +16,6 @@ def main() -> None:
     import torch
 
     from dae.evaluate import batched
-    from dae.io import save_torch
     from dae.model import TiedAutoencoder
     from dae.params import DEEP_LAYERS, deep_sizes, section_flat
     from dae.tracking import stage_run
@@ -71,10 +70,8 @@ def main() -> None:
             log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss, result.best_epoch)
         arch = {"sizes": sizes[:k + 1], "linear_code": linear_code and k == DEEP_LAYERS,
                 "activation": activation, "output_sigmoid": True}
-        save_torch(PRETRAIN_DIR / f"layer_{k}.pt", {"arch": arch, "seeds": stacks})
-        curve = CURVES_DIR / f"pretrain_layer_{k}.csv"
-        write_curve(curve, histories)
-        run.log_artifact(curve)
+        write_trained(run, PRETRAIN_DIR / f"layer_{k}.pt", {"arch": arch, "seeds": stacks},
+                      CURVES_DIR / f"pretrain_layer_{k}.csv", histories)
     clear_checkpoints(stage)
 
 

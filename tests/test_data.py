@@ -95,3 +95,12 @@ def test_split_is_disjoint_and_deterministic():
     assert np.array_equal(split_indices(100, 10, seed=0)[1], val)
     assert not np.array_equal(split_indices(100, 10, seed=1)[1], val)
 
+
+@pytest.mark.skipif(not (__import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir()),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAE_DATA_MIRROR", raising=False)
+    sources = download("fashion-mnist", tmp_path, mirrors=["/usr/share/datasets/fashion-mnist"])
+    assert len(sources) == 4
+    images, labels = load_split(tmp_path, "test")
+    assert images.shape == (10000, 784) and sorted(set(labels.tolist())) == list(range(10))
