@@ -39,8 +39,46 @@ def repo_root(start: str | Path | None = None) -> Path:
     return path
 
 
+# Parallel queue workers (`dvc queue start -j 2`) write to one SQLite file: wait up to this many
+# seconds for another writer's lock instead of failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def tracking_uri(root: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+    return (os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(root or repo_root()) / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}")
+
+
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a SQLite store across processes: two queue workers creating
+    the tables or the experiment of a new mlflow.db at the same moment would collide."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _experiment_id(mlflow: Any, name: str, artifact_location: str | None) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process (a parallel queue worker) created it first
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def enabled() -> bool:
@@ -105,14 +143,11 @@ def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yam
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    # With the local default store, keep artifacts beside mlflow.db, not in the cwd.
+    location = (root / "mlruns").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
     try:
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            # With the local default store, keep artifacts beside mlflow.db, not in the cwd.
-            location = (root / "mlruns").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        with _sqlite_init_lock(uri):
+            experiment_id = _experiment_id(mlflow, name, location)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise TrackingError(
             f"cannot use the MLflow tracking store {uri}: {type(exc).__name__}: {exc}\n"

@@ -1,65 +1,23 @@
 """End to end: `dvc repro` of the whole pipeline on the tiny profile against real MNIST."""
 import json
 import math
-import os
-import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.workspace import make_workspace, ran_stages
+
 STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)],
           *[f"finetune@{m}" for m in ("shallow", "greedy", "random_ft", "greedy_ft")], "evaluate", "figures"]
 TRACKED_STAGES = [s for s in STAGES if s not in ("download", "noise")]
-
-
-def apply_tiny_profile(params_file: Path, overrides: dict) -> None:
-    params = yaml.safe_load(params_file.read_text())
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            params[key].update(value)
-        else:
-            params[key] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, mnist_mirror):
     """A copy of the repository (what git would clone) with the tiny profile applied."""
     ws = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith(("data/", "reports/")) and name != "dvc.lock":
-            (ws / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, ws / name)
-    apply_tiny_profile(ws / "params.yaml", yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
-    env = {**os.environ, "DAE_DATA_MIRROR": str(mnist_mirror),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # `dvc exp run` commits experiment refs: give git an identity even on a bare CI machine.
-    env |= {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-    env.pop("DAE_TRACKING", None)
-
-    def run(*args, check=True):
-        result = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    run("git", "init", "-q")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny")
+    run = make_workspace(ws, mnist_mirror)
     first = run(sys.executable, "-m", "dvc", "repro")
     return ws, run, first
 

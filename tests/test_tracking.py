@@ -15,7 +15,7 @@ def test_repo_root_sees_through_dvc_experiment_workspaces(tmp_path):
 
 def test_default_uri_is_sqlite_at_the_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db?timeout=60"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
@@ -67,3 +67,49 @@ def test_unreachable_server_fails_fast_with_a_hint(tmp_path, monkeypatch):
     with pytest.raises(tracking.TrackingError, match="DAE_TRACKING=off"):
         with tracking.stage_run("stage", {}):
             pass
+
+
+def test_experiment_created_by_another_process_meanwhile_is_used():
+    class Raced:  # get -> None, create -> "already exists", get -> the other process's experiment
+        def __init__(self):
+            self.gets = 0
+
+        def get_experiment_by_name(self, name):
+            self.gets += 1
+            return None if self.gets == 1 else type("Experiment", (), {"experiment_id": "7"})()
+
+        def create_experiment(self, name, artifact_location=None):
+            raise RuntimeError("RESOURCE_ALREADY_EXISTS")
+
+    assert tracking._experiment_id(Raced(), "dae-mnist", None) == "7"
+
+
+def _log_one_stage(root: str, stage: str) -> None:
+    import os
+
+    os.chdir(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("DAE_TRACKING", None)
+    with tracking.stage_run(stage, {"lr": 0.1}) as run:
+        for step in range(1, 21):
+            run.log_metrics({"val_loss": 1.0 / step}, step=step)
+
+
+def test_parallel_stages_share_a_new_sqlite_store(tmp_path):
+    """What `dvc queue start -j 3` does to a fresh mlflow.db: three processes at once."""
+    import multiprocessing
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("seeds: [0]\n")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_log_one_stage, args=(str(tmp_path), f"stage{i}")) for i in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT])
+    assert sorted(found["tags.stage"]) == ["stage0", "stage1", "stage2"]
