@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,3 +94,21 @@ def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
     assert {"evaluate", "figures", "finetune@greedy_ft"} <= set(runs["tags.stage"])
     shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
     assert "two-d" in shown
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_runs_the_same_pipeline(workspace):
+    """`-S data.dataset=fashion-mnist`: its own checksums (the MNIST files in DAE_DATA_MIRROR,
+    tried first, fail them; Debian's folder passes), and a report that names the dataset and has
+    no slide numbers."""
+    ws, run, _ = workspace
+    result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist")
+    log = result.stdout + result.stderr
+    assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
+    table = (ws / "reports" / "results.md").read_text()
+    assert "FASHION-MNIST" in table and "slide" not in table.splitlines()[0].lower()
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert "slide" not in header.lower()
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert all(math.isfinite(row["mse"]) for row in metrics.values())
