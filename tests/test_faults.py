@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from tests.workspace import apply_tiny_profile
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ([("stages.pretrain_layer", str(k)) for k in range(1, 9)]
                    + [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")])
@@ -67,12 +69,8 @@ def prepared(tmp_path_factory, mnist_mirror):
         (path / item).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, path / item)
     (path / ".dvc").mkdir()
+    apply_tiny_profile(path / "params.yaml", yaml.safe_load((path / "tests/tiny_params.yaml").read_text()))
     ws = Workspace(path, mnist_mirror)
-    tiny = yaml.safe_load((path / "tests/tiny_params.yaml").read_text())
-    params = ws.params()
-    for key, value in tiny.items():
-        params[key] = {**params[key], **value} if isinstance(value, dict) else value
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ws.run_all([("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")])
     return ws
 
