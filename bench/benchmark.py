@@ -29,7 +29,7 @@ def epoch_throughput(params: dict, device) -> tuple[float, float]:
 
     from dae.model import TiedAutoencoder
     from dae.params import model_arch
-    from dae.train import FitConfig, fit, reconstruction_loss
+    from dae.train import FitConfig, fit, make_optimizer, reconstruction_loss
     from stages.common import load_split
 
     cfg = params["finetune"]
@@ -60,7 +60,7 @@ def epoch_throughput(params: dict, device) -> tuple[float, float]:
     loader = DataLoader(TensorDataset(train["noisy"].cpu(), train["clean"].cpu()),
                         batch_size=cfg["batch_size"], shuffle=True)
     model = fresh_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    optimizer = make_optimizer(model, FitConfig(1, cfg["batch_size"], cfg["lr"]))  # the same Adam as ours
     sync()
     start = time.perf_counter()
     for noisy, clean in loader:

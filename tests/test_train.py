@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dae.model import TiedAutoencoder
-from dae.train import FitConfig, TrainingDiverged, classification_loss, fit, reconstruction_loss
+from dae.train import FitConfig, TrainingDiverged, classification_loss, fit, make_optimizer, reconstruction_loss
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,26 @@ def test_classifier_training_through_the_same_loop():
         FitConfig(5, 64, 1e-2), seed=0, desc="clf")
     accuracy = (model(points[1500:]).argmax(1) == labels[1500:]).float().mean()
     assert accuracy > 0.9
+
+
+def test_fused_adam_takes_the_same_steps_as_plain_adam(digits):
+    # The fit loop uses the fused kernel for speed; it must not change the training itself.
+    config = FitConfig(1, 64, 3e-3)
+    models = [TiedAutoencoder([784, 32]) for _ in range(2)]
+    models[0].reset_parameters(1.0, torch.Generator().manual_seed(0))
+    models[1].load_state_dict(models[0].state_dict())
+    initial = models[0].weights[0].detach().clone()
+    fused = make_optimizer(models[0], config)
+    plain = torch.optim.Adam(models[1].parameters(), lr=config.lr)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    clean, noisy, _ = digits
+    batch = (noisy[:64], clean[:64])
+    for _ in range(5):
+        for model, optimizer in zip(models, (fused, plain)):
+            loss = reconstruction_loss(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(models[0].weights[0], initial)  # it did train
