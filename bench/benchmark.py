@@ -6,7 +6,9 @@
 Prints, for one fine-tuning epoch of the 8+8 model at params.yaml's batch size, the images/s of
 our loop (data as tensors on the device, batches by index permutation) and of a
 torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer and batch size,
-and their ratio; then the wall time and peak RSS (largest stage process) of `dvc repro --force`.
+and their ratio (medians of interleaved epochs); then the wall time and peak RSS (largest stage
+process) of `dvc repro --force`. With --skip-repro the repro figures already in the output file
+are kept, so the quick half can be rerun without losing the slow half.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def epoch_throughput(params: dict, device) -> tuple[float, float]:
+def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,43 +48,54 @@ def epoch_throughput(params: dict, device) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Warm-up (kernels, allocator), then one timed epoch of our loop.
-    fit(fresh_model(), reconstruction_loss, (train["noisy"][:2048], train["clean"][:2048]), tiny_val,
-        FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="warm-up")
-    model = fresh_model()
-    sync()
-    start = time.perf_counter()
-    fit(model, reconstruction_loss, (train["noisy"], train["clean"]), tiny_val,
-        FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="ours")
-    sync()
-    ours = n / (time.perf_counter() - start)
+    def our_epoch() -> None:
+        fit(fresh_model(), reconstruction_loss, (train["noisy"], train["clean"]), tiny_val,
+            FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="ours")
 
     # The usual baseline: a DataLoader over CPU tensors, each batch copied to the device.
     loader = DataLoader(TensorDataset(train["noisy"].cpu(), train["clean"].cpu()),
                         batch_size=cfg["batch_size"], shuffle=True)
-    model = fresh_model()
-    optimizer = make_optimizer(model, FitConfig(1, cfg["batch_size"], cfg["lr"]))  # the same Adam as ours
-    sync()
-    start = time.perf_counter()
-    for noisy, clean in loader:
-        noisy, clean = noisy.to(device), clean.to(device)
-        loss = torch.mean((model(noisy) - clean) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    sync()
-    baseline = n / (time.perf_counter() - start)
+
+    def baseline_epoch() -> None:
+        model = fresh_model()
+        optimizer = make_optimizer(model, FitConfig(1, cfg["batch_size"], cfg["lr"]))  # the same Adam as ours
+        for noisy, clean in loader:
+            noisy, clean = noisy.to(device), clean.to(device)
+            loss = torch.mean((model(noisy) - clean) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def seconds(epoch) -> float:
+        sync()
+        start = time.perf_counter()
+        epoch()
+        sync()
+        return time.perf_counter() - start
+
+    # Warm-up (kernels, allocator), then the two loops in turn, `repeats` epochs each: one
+    # epoch of each is not enough on a shared machine, where a single epoch's time can vary by
+    # a third; the median of interleaved runs is.
+    fit(fresh_model(), reconstruction_loss, (train["noisy"][:2048], train["clean"][:2048]), tiny_val,
+        FitConfig(1, cfg["batch_size"], cfg["lr"]), seed=0, desc="warm-up")
+    times = {"ours": [], "baseline": []}
+    for _ in range(repeats):
+        times["ours"].append(seconds(our_epoch))
+        times["baseline"].append(seconds(baseline_epoch))
+    ours, baseline = (n / statistics.median(times[k]) for k in ("ours", "baseline"))
     return ours, baseline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-repro", action="store_true", help="only the epoch comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each loop (median)")
     parser.add_argument("--out", default="reports/benchmark.json")
     args = parser.parse_args()
 
     import torch
 
+    from dae.io import write_json
     from dae.params import load
     from stages.common import select_device
 
@@ -90,10 +104,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}")
-    ours, baseline = epoch_throughput(params, device)
+    ours, baseline = epoch_throughput(params, device, args.repeats)
     result = {"device": name, "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
               "ratio": round(ours / baseline, 3)}
-    print(f"one fine-tuning epoch, 8+8 model, batch {params['finetune']['batch_size']}: "
+    print(f"one fine-tuning epoch, 8+8 model, batch {params['finetune']['batch_size']} "
+          f"(median of {args.repeats}): "
           f"ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, ratio {ours / baseline:.2f}")
 
     if not args.skip_repro:
@@ -106,8 +121,14 @@ def main() -> None:
         print(f"dvc repro --force ({len(params['seeds'])} seeds): {result['repro_seconds']:.0f} s, "
               f"peak RSS {result['peak_rss_mb']:.0f} MB")
     out = ROOT / args.out
+    if args.skip_repro and out.exists():
+        previous = json.loads(out.read_text())
+        kept = {k: previous[k] for k in ("repro_seconds", "peak_rss_mb", "seeds") if k in previous}
+        if kept:
+            print(f"keeping the repro figures already in {out}: {kept}")
+            result |= kept
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")
 
 
