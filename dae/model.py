@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+# f⁻¹ of each activation, and how far from its bounds a mean may lie before inverting it.
+INVERSES = {"sigmoid": (torch.logit, (1e-3, 1 - 1e-3)), "tanh": (torch.atanh, (-0.999, 0.999))}
 
 
 class TiedAutoencoder(nn.Module):
@@ -51,6 +53,31 @@ class TiedAutoencoder(nn.Module):
                 w.copy_(torch.rand(w.shape, generator=generator) * 2 * bound - bound)
                 b.zero_()
                 c.zero_()
+
+    @torch.no_grad()
+    def center_biases(self, inputs: torch.Tensor) -> None:
+        """Data-dependent bias init; the weights are left as they are.
+
+        Encoder: b_k = −mean(h_{k−1}) W_kᵀ over `inputs`, so every unit's pre-activation has mean
+        zero and starts in the steep range of its activation. Decoder: c_k is chosen so that each
+        unit's mean pre-activation is f⁻¹(mean of the values it reconstructs). Why: with zero
+        biases, the positive inputs (pixels, sigmoid codes ≈ 0.5) times large random weights shift
+        whole units into saturation, and a randomly initialised deep sigmoid stack then learns very
+        slowly. Call it after `reset_parameters`, on a sample of the training inputs.
+        """
+        h, means = inputs, [inputs.mean(0)]
+        for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
+            pre = h @ w.t()
+            b.copy_(-pre.mean(0))
+            pre += b
+            h = pre if (self.linear_code and k == self.depth - 1) else ACTIVATIONS[self.activation](pre)
+            means.append(h.mean(0))
+        for k in reversed(range(self.depth)):
+            pre = h @ self.weights[k]
+            kind = "sigmoid" if (k == 0 and self.output_sigmoid) else self.activation
+            inverse, (lo, hi) = INVERSES[kind]
+            self.dec_biases[k].copy_(inverse(means[k].clamp(lo, hi)) - pre.mean(0))
+            h = ACTIVATIONS[kind](pre + self.dec_biases[k])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]

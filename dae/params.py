@@ -80,6 +80,7 @@ SCHEMA: dict[str, Callable] = {
     "pretrain.init_gain": _number(0, lo_open=True),
     **_fit_schema("finetune"),
     "finetune.init_gain": _number(0, lo_open=True),
+    "finetune.bias_init": _choice("data_mean", "zero"),
     "finetune.fresh_noise": _choice(True, False),
     "classifier.hidden": _int(1),
     **_fit_schema("classifier"),

@@ -4,6 +4,8 @@ shallow   1+1: 784 -> bottleneck, random init, trained end to end
 greedy    8+8: the pretrained stack of data/models/pretrain/layer_8.pt, no further training
 random_ft 8+8: random init, trained end to end
 greedy_ft 8+8: initialised from the pretrained stack, trained end to end
+Random init is Glorot-uniform weights (finetune.init_gain) and, with finetune.bias_init
+data_mean, biases set from the means of the noisy training images (TiedAutoencoder.center_biases).
 Training reconstructs the clean image from a noisy copy: with finetune.fresh_noise, a new
 corruption (same type and level as the noise stage) of every batch, else the noise stage's fixed
 copy. Validation always uses the fixed copy; the best validation epoch is kept.
@@ -15,6 +17,7 @@ from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpo
                            training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
+BIAS_INIT_SAMPLE = 10_000  # noisy training images whose means set the biases (bias_init: data_mean)
 
 
 def main() -> None:
@@ -61,6 +64,8 @@ def main() -> None:
             else:
                 model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
             model.to(device)
+            if pretrained is None and cfg["bias_init"] == "data_mean":
+                model.center_biases(train["noisy"][:BIAS_INIT_SAMPLE])
             with run.seed(seed, stage):
                 if name == "greedy":  # the pretrained stack as it is: record its losses only
                     history = [{"epoch": 0, **{f"{split}_loss": evaluate_loss(

@@ -56,3 +56,37 @@ def test_arch_round_trip_and_seeded_init():
     assert torch.equal(model.weights[0], clone.weights[0])
     bound = 4.0 * (6 / (784 + 30)) ** 0.5
     assert model.weights[0].abs().max() <= bound
+
+
+def _pre_activations(model: TiedAutoencoder, x: torch.Tensor) -> tuple[list, list]:
+    """The pre-activations of every encoder and decoder unit (decoder listed top to bottom)."""
+    enc, dec, h = [], [], x
+    for k in range(model.depth):
+        pre = h @ model.weights[k].t() + model.enc_biases[k]
+        enc.append(pre)
+        h = pre if (model.linear_code and k == model.depth - 1) else torch.sigmoid(pre)
+    targets = [x] + [torch.sigmoid(p) for p in enc[:-1]]
+    for k in reversed(range(model.depth)):
+        pre = h @ model.weights[k] + model.dec_biases[k]
+        dec.append((pre, targets[k]))
+        h = torch.sigmoid(pre)
+    return enc, dec
+
+
+def test_center_biases_centres_encoder_units_and_matches_decoder_means():
+    torch.manual_seed(0)
+    x = (torch.rand(2000, 40) < 0.2).float() * torch.rand(2000, 40)  # sparse, positive, like pixels
+    model = TiedAutoencoder([40, 24, 16, 4], linear_code=True)
+    model.reset_parameters(4.0, torch.Generator().manual_seed(1))
+    weights = [w.detach().clone() for w in model.weights]
+    enc_before, _ = _pre_activations(model, x)
+    assert max(p.mean(0).abs().max() for p in enc_before) > 0.5  # zero biases: units are off-centre
+    model.center_biases(x)
+    with torch.no_grad():
+        enc, dec = _pre_activations(model, x)
+    for pre in enc:
+        torch.testing.assert_close(pre.mean(0), torch.zeros(pre.shape[1]), atol=1e-4, rtol=0)
+    for pre, target in dec:  # each decoder unit's mean pre-activation is logit(mean target)
+        expected = torch.logit(target.mean(0).clamp(1e-3, 1 - 1e-3))
+        torch.testing.assert_close(pre.mean(0), expected, atol=1e-4, rtol=0)
+    assert all(torch.equal(w, before) for w, before in zip(model.weights, weights))
