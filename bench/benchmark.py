@@ -7,8 +7,10 @@ Prints, for one fine-tuning epoch of the 8+8 model at params.yaml's batch size, 
 our loop (data as tensors on the device, batches by index permutation) and of a
 torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer and batch size,
 and their ratio (medians of interleaved epochs); then the wall time and peak RSS (largest stage
-process) of `dvc repro --force`. With --skip-repro the repro figures already in the output file
-are kept, so the quick half can be rerun without losing the slow half.
+process) of `dvc repro --force`. It also prints the FLOP rate of our epoch against the device's
+dense-matmul rate, and the least time the deep fine-tuning could take at that rate. With
+--skip-repro the repro figures already in the output file are kept, so the quick half can be
+rerun without losing the slow half.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float]:
+def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, int]:
+    """Images/s of our loop and of the DataLoader loop, and the number of training images."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,7 +87,31 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float]:
         times["ours"].append(seconds(our_epoch))
         times["baseline"].append(seconds(baseline_epoch))
     ours, baseline = (n / statistics.median(times[k]) for k in ("ours", "baseline"))
-    return ours, baseline
+    return ours, baseline, n
+
+
+def train_step_flops(sizes: list[int]) -> int:
+    """FLOPs of one training image through a tied autoencoder: each weight matrix is used twice
+    (encoder and decoder), 2 FLOPs per weight forward and about 4 backward."""
+    return 12 * sum(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
+def matmul_gflops(device, size: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 matrix-multiply throughput of the device: what its compute allows."""
+    import torch
+
+    a = torch.rand(size, size, device=device)
+    a @ a  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -97,7 +124,7 @@ def main() -> None:
     import torch
 
     from dae.io import write_json
-    from dae.params import load
+    from dae.params import deep_sizes, load
     from stages.common import select_device
 
     params = load("params.yaml")
@@ -105,12 +132,23 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}")
-    ours, baseline = epoch_throughput(params, device, args.repeats)
+    ours, baseline, n_train = epoch_throughput(params, device, args.repeats)
     result = {"device": name, "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
               "ratio": round(ours / baseline, 3)}
     print(f"one fine-tuning epoch, 8+8 model, batch {params['finetune']['batch_size']} "
           f"(median of {args.repeats}): "
           f"ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, ratio {ours / baseline:.2f}")
+    # How close the loop runs to the device's compute, and what that means for the repro time:
+    # the deep fine-tuning (random_ft and greedy_ft, every seed) can be no faster than its
+    # FLOPs at the dense-matmul rate.
+    flops = train_step_flops(deep_sizes(params))
+    peak = matmul_gflops(device)
+    deep_epochs = 2 * params["finetune"]["epochs"] * len(params["seeds"])
+    result |= {"epoch_gflop_per_s": round(ours * flops / 1e9, 1), "matmul_gflop_per_s": round(peak, 1),
+               "deep_finetune_floor_seconds": round(deep_epochs * n_train * flops / (peak * 1e9), 1)}
+    print(f"{flops / 1e6:.1f} MFLOP per training image: our epoch runs at {result['epoch_gflop_per_s']:.0f} "
+          f"GFLOP/s, dense matmul at {peak:.0f} GFLOP/s; the deep fine-tuning ({deep_epochs} epochs of "
+          f"{n_train:,} images) needs >= {result['deep_finetune_floor_seconds']:.0f} s at that rate")
 
     if not args.skip_repro:
         start = time.perf_counter()
