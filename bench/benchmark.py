@@ -28,6 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def seconds_of(work, device) -> float:
+    """Wall time of `work()`, waiting for the GPU's queued kernels before and after."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, int]:
     """Images/s of our loop and of the DataLoader loop, and the number of training images."""
     import torch
@@ -48,10 +61,6 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
         torch.manual_seed(0)
         return TiedAutoencoder.from_arch(model_arch(params, "random_ft")).to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def our_epoch() -> None:
         fit(fresh_model(), reconstruction_loss, (train["noisy"], train["clean"]), tiny_val,
             one_epoch, seed=0, desc="ours")
@@ -70,13 +79,6 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
             loss.backward()
             optimizer.step()
 
-    def seconds(epoch) -> float:
-        sync()
-        start = time.perf_counter()
-        epoch()
-        sync()
-        return time.perf_counter() - start
-
     # Warm-up (kernels, allocator), then the two loops in turn, `repeats` epochs each: one
     # epoch of each is not enough on a shared machine, where a single epoch's time can vary by
     # a third; the median of interleaved runs is.
@@ -84,8 +86,8 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
         one_epoch, seed=0, desc="warm-up")
     times = {"ours": [], "baseline": []}
     for _ in range(repeats):
-        times["ours"].append(seconds(our_epoch))
-        times["baseline"].append(seconds(baseline_epoch))
+        times["ours"].append(seconds_of(our_epoch, device))
+        times["baseline"].append(seconds_of(baseline_epoch, device))
     ours, baseline = (n / statistics.median(times[k]) for k in ("ours", "baseline"))
     return ours, baseline, n
 
@@ -102,15 +104,7 @@ def matmul_gflops(device, size: int = 2048, repeats: int = 10) -> float:
 
     a = torch.rand(size, size, device=device)
     a @ a  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [seconds_of(lambda: a @ a, device) for _ in range(repeats)]
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
