@@ -15,6 +15,8 @@ from torch import nn
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 # f⁻¹ of each activation, and how far from its bounds a mean may lie before inverting it.
 INVERSES = {"sigmoid": (torch.logit, (1e-3, 1 - 1e-3)), "tanh": (torch.atanh, (-0.999, 0.999))}
+# What each layer may apply: the hidden activations, plus the identity of a linear code layer.
+LAYER_FUNCTIONS = ACTIVATIONS | {"linear": lambda x: x}
 
 
 class TiedAutoencoder(nn.Module):
@@ -69,31 +71,35 @@ class TiedAutoencoder(nn.Module):
         for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
             pre = h @ w.t()
             b.copy_(-pre.mean(0))
-            pre += b
-            h = pre if (self.linear_code and k == self.depth - 1) else ACTIVATIONS[self.activation](pre)
+            h = LAYER_FUNCTIONS[self._encoder_activation(k)](pre + b)
             means.append(h.mean(0))
         for k in reversed(range(self.depth)):
             pre = h @ self.weights[k]
-            kind = "sigmoid" if (k == 0 and self.output_sigmoid) else self.activation
+            kind = self._decoder_activation(k)
             inverse, (lo, hi) = INVERSES[kind]
             self.dec_biases[k].copy_(inverse(means[k].clamp(lo, hi)) - pre.mean(0))
-            h = ACTIVATIONS[kind](pre + self.dec_biases[k])
+            h = LAYER_FUNCTIONS[kind](pre + self.dec_biases[k])
+
+    # The layer rules, in one place for encode, decode and center_biases.
+    def _encoder_activation(self, k: int) -> str:
+        """Encoder layer k's activation: "linear" for a linear code layer, else the hidden one."""
+        return "linear" if (self.linear_code and k == self.depth - 1) else self.activation
+
+    def _decoder_activation(self, k: int) -> str:
+        """Decoder layer k's activation: a sigmoid for pixels, else the hidden activation."""
+        return "sigmoid" if (k == 0 and self.output_sigmoid) else self.activation
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation]
         h = x
         for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
-            h = torch.addmm(b, h, w.t())
-            if not (self.linear_code and k == self.depth - 1):
-                h = act(h)
+            h = LAYER_FUNCTIONS[self._encoder_activation(k)](torch.addmm(b, h, w.t()))
         return h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation]
         h = z
         for k in reversed(range(self.depth)):
-            h = torch.addmm(self.dec_biases[k], h, self.weights[k])
-            h = torch.sigmoid(h) if (k == 0 and self.output_sigmoid) else act(h)
+            pre = torch.addmm(self.dec_biases[k], h, self.weights[k])
+            h = LAYER_FUNCTIONS[self._decoder_activation(k)](pre)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
