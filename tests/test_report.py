@@ -36,3 +36,12 @@ def test_other_datasets_show_ours_only():
     assert "0.056" not in text and "✓" not in text
     assert len([line for line in text.splitlines() if line.startswith(("| 1+1", "| 8+8"))]) == 4
     assert "mse_slide" not in table_rows(summary, with_slide=False)[0]
+
+
+def test_accuracy_shows_two_decimals_so_a_near_miss_reads_as_one():
+    per_seed = {m: runs([0.02, 0.02]) for m in SLIDE}
+    per_seed["greedy"] = [{"mse": 0.02, "mse_noisy": 0.02, "accuracy": a, "accuracy_noisy": a}
+                          for a in (0.9711, 0.9721)]
+    row = [line for line in markdown(summarize(per_seed), n_seeds=2).splitlines()
+           if line.startswith("| 8+8 greedy |")][0]
+    assert "97.16 ± 0.07 % ✗" in row and "97.2 %" in row
