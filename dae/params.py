@@ -56,10 +56,24 @@ def _int_list(length: int | None = None, lo: int = 1) -> Callable:
     return check
 
 
-def _fit_schema(section: str) -> dict[str, Callable]:
-    return {f"{section}.epochs": _int(1), f"{section}.batch_size": _int(1),
+TRAINED_MODELS = ("shallow", "random_ft", "greedy_ft")  # the models finetune trains (greedy: none)
+
+
+def _epochs_per_model(key: str, value: Any) -> None:
+    """An integer for every trained model, or a mapping {shallow, random_ft, greedy_ft: int}."""
+    if isinstance(value, dict):
+        if set(value) != set(TRAINED_MODELS):
+            raise ParamError(f"{key}: a mapping must name exactly {list(TRAINED_MODELS)}, got {sorted(value)}")
+        for model, epochs in value.items():
+            _int(1)(f"{key}.{model}", epochs)
+    else:
+        _int(1)(key, value)
+
+
+def _fit_schema(section: str, epochs: Callable | None = None) -> dict[str, Callable]:
+    return {f"{section}.epochs": epochs or _int(1), f"{section}.batch_size": _int(1),
             f"{section}.lr": _number(0, lo_open=True), f"{section}.weight_decay": _number(0),
-            f"{section}.warmup_epochs": _number(0)}
+            f"{section}.warmup_epochs": _number(0), f"{section}.precision": _choice("float32", "bfloat16")}
 
 
 SCHEMA: dict[str, Callable] = {
@@ -78,7 +92,7 @@ SCHEMA: dict[str, Callable] = {
     "arch.activation": _choice("sigmoid", "tanh"),
     **_fit_schema("pretrain"),
     "pretrain.init_gain": _number(0, lo_open=True),
-    **_fit_schema("finetune"),
+    **_fit_schema("finetune", _epochs_per_model),
     "finetune.init_gain": _number(0, lo_open=True),
     "finetune.bias_init": _choice("data_mean", "zero"),
     "finetune.fresh_noise": _choice(True, False),
@@ -151,12 +165,11 @@ def model_arch(params: dict, model: str) -> dict:
 
 
 def section_flat(params: dict, sections: list[str]) -> dict[str, Any]:
-    """{"noise.level": 0.3, ...} for the given sections: what a stage logs to MLflow."""
-    flat: dict[str, Any] = {}
-    for section in sections:
-        value = params[section]
+    """{"noise.level": 0.3, "finetune.epochs.shallow": 20, ...} for the given sections: what a
+    stage logs to MLflow (nested mappings flattened, so each value is one param)."""
+    def flatten(prefix: str, value: Any) -> dict[str, Any]:
         if isinstance(value, dict):
-            flat.update({f"{section}.{k}": v for k, v in value.items()})
-        else:
-            flat[section] = value
-    return flat
+            return {k: v for key, sub in value.items() for k, v in flatten(f"{prefix}.{key}", sub).items()}
+        return {prefix: value}
+
+    return {k: v for section in sections for k, v in flatten(section, params[section]).items()}

@@ -38,6 +38,9 @@ class FitConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0   # linear warm-up, then cosine decay to zero
     schedule: str = "cosine"     # "cosine" or "constant"
+    # "bfloat16": the forward and backward matrix products run under bfloat16 autocast (the
+    # weights, the optimizer and the loss stay float32); "float32": plain float32.
+    precision: str = "float32"
 
 
 @dataclass
@@ -60,6 +63,16 @@ def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `precision` on `device` (a no-op for float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def make_optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Adam:
@@ -139,7 +152,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             batch = [t[idx] for t in train]
             if augment is not None:
                 batch = augment(batch, augment_generator)
-            loss = loss_fn(model, batch)
+            with autocast(device, config.precision):
+                loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -176,9 +190,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
 def reconstruction_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean squared error between AE(input) and target: batch = (input, target)."""
     inputs, targets = batch
-    return torch.mean((model(inputs) - targets) ** 2)
+    return torch.mean((model(inputs).float() - targets) ** 2)  # float32 even under autocast
 
 
 def classification_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     inputs, labels = batch
-    return nn.functional.cross_entropy(model(inputs), labels)
+    return nn.functional.cross_entropy(model(inputs).float(), labels)

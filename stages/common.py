@@ -20,8 +20,16 @@ CHECKPOINT_DIR = Path("data/checkpoints")  # per-epoch training state; not a DVC
 RESUME_ENV = "DAE_RESUME"
 
 
+def stage_name(name: str) -> str:
+    """The stage as dvc.yaml names it: `finetune@greedy_ft` for `python -m stages.finetune greedy_ft`."""
+    item = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    return f"{name}@{item}" if item else name
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's main; turn the errors a user can cause into one clear line and exit 1."""
+    """Run a stage's main; turn the errors a user can cause into one clear line and exit 1.
+    Log lines and errors carry the foreach item too (`pretrain_layer@3`)."""
+    name = stage_name(name)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s",
                         datefmt="%H:%M:%S")
     from dae.data import DataError
@@ -54,6 +62,36 @@ class CheckpointError(RuntimeError):
 
 def load_params(sections: list[str]) -> dict:
     return params_mod.load("params.yaml", sections)
+
+
+def data_inputs(splits: list[str]) -> list[dict[str, str]]:
+    """The data sets a stage reads, as its MLflow run records them: name (`mnist-train`), split,
+    and a digest of what makes them these images: the original files' SHA-256 checksums, the
+    split params and the noise params. Runs with equal digests saw equal data."""
+    import hashlib
+    import json
+
+    from dae.data import DATASETS
+
+    params = params_mod.load("params.yaml", ["data", "noise"])
+    spec = DATASETS[params["data"]["dataset"]]
+    source = next(m for m in spec.mirrors if m.startswith("http"))
+    inputs = []
+    for split in splits:
+        recipe = {"sha256": spec.sha256, "data": params["data"], "noise": params["noise"], "split": split}
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+        inputs.append({"name": f"{spec.name}-{split}", "split": split, "digest": digest, "source": source})
+    return inputs
+
+
+def fit_config(params: dict, section: str, model: str | None = None):
+    """The FitConfig of a params section; `model` picks its entry of a per-model `epochs`."""
+    from dae.train import FitConfig
+
+    cfg = params[section]
+    epochs = cfg["epochs"][model] if isinstance(cfg["epochs"], dict) else cfg["epochs"]
+    return FitConfig(epochs, cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"],
+                     precision=cfg["precision"])
 
 
 def select_device(choice: str):
@@ -120,12 +158,15 @@ def write_curve(path: Path, histories: list[list[dict]]) -> None:
 
 
 def write_trained(run, model_path: Path, payload: dict, curve_path: Path, histories: list[list[dict]]) -> None:
-    """The tail of every training stage: the models of all seeds, the loss curve, its MLflow copy."""
+    """The tail of every training stage: the models of all seeds, the loss curve, its MLflow copy,
+    and the model file's MD5 as a tag (evaluate links each logged model to its training run)."""
     from dae.io import save_torch
+    from dae.tracking import file_md5
 
     save_torch(model_path, payload)
     write_curve(curve_path, histories)
     run.log_artifact(curve_path)
+    run.set_tags({"output_md5": file_md5(model_path)})
 
 
 def training_checkpoint(stage: str, seed: int, stage_params: dict, model, inputs) -> tuple[Path | None, str]:

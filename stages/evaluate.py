@@ -2,10 +2,14 @@
 
 Writes reports/metrics.json (DVC metrics; the mean over seeds plus *_std keys),
 reports/results.csv and reports/results.md (the slide's table with ours beside it).
+With tracking on, it also logs every model of every seed as an MLflow model (dae/serving.py)
+carrying its test metrics and linked to the run that trained it, and registers the first
+seed's model of each kind as a new version of `dae-<dataset>-<model>` (alias `current` when
+run in the workspace).
 """
 from pathlib import Path
 
-from stages.common import (FINETUNE_DIR, load_checkpoint, load_params, log, make_deterministic,
+from stages.common import (FINETUNE_DIR, data_inputs, fit_config, load_checkpoint, load_params, log, make_deterministic,
                            run_stage, select_device)
 
 SECTIONS = ["arch", "classifier", "seeds", "device", "data"]
@@ -14,30 +18,33 @@ REPORTS = Path("reports")
 
 def main() -> None:
     import pandas as pd
-    import torch
 
     from dae import report
     from dae.evaluate import accuracy, batched, reconstruction_mse, train_classifier
     from dae.io import write_json, write_text, write_with
     from dae.model import TiedAutoencoder
     from dae.params import MODELS, model_arch, section_flat
-    from dae.tracking import stage_run
-    from dae.train import FitConfig
+    from dae.tracking import registered_model_name, stage_run
     from stages.common import load_split
 
     params = load_params(SECTIONS)
     device = select_device(params["device"])
     make_deterministic(device)
     cfg = params["classifier"]
-    config = FitConfig(cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"])
+    config = fit_config(params, "classifier")
     train, val, test = (load_split(s, device) for s in ("train", "val", "test"))
 
+    dataset = params["data"]["dataset"]
+    example = test["noisy"][:2].cpu().numpy()  # the input example every logged model carries
     per_seed: dict[str, list[dict]] = {}
-    with stage_run("evaluate", section_flat(params, SECTIONS)) as run:
+    inputs = data_inputs(["train", "val", "test"])
+    with stage_run("evaluate", section_flat(params, SECTIONS), inputs=inputs) as run:
         for name in MODELS:
             arch = model_arch(params, name)
             ckpt = load_checkpoint(FINETUNE_DIR / f"{name}.pt", arch, params["seeds"])
+            trained_by = run.run_that_wrote(FINETUNE_DIR / f"{name}.pt")
             per_seed[name] = []
+            registered = None
             for seed in params["seeds"]:
                 model = TiedAutoencoder.from_arch(arch)
                 model.load_state_dict(ckpt["seeds"][seed])
@@ -59,8 +66,13 @@ def main() -> None:
                                                    test["labels"]),
                     }
                     run.log_metrics(metrics)
+                    model_uri = run.log_model(
+                        f"{name}-seed{seed}", {"arch": arch, "state_dict": ckpt["seeds"][seed]}, metrics, example,
+                        tags={"model": name, "seed": str(seed), "training_run_id": trained_by or "unknown"})
+                    registered = registered or model_uri  # the first seed's model
                 log.info("%s seed %d: %s", name, seed, {k: round(v, 5) for k, v in metrics.items()})
                 per_seed[name].append(metrics)
+            run.register(registered, registered_model_name(dataset, name), params["seeds"][0])
 
         summary = report.summarize(per_seed)
         run.log_metrics({f"{model}.{metric}": value for model, row in summary.items()

@@ -12,8 +12,8 @@ copy. Validation always uses the fixed copy; the best validation epoch is kept.
 """
 import argparse
 
-from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint,
-                           load_params, log, make_deterministic, run_stage, select_device,
+from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config,
+                           load_checkpoint, load_params, log, make_deterministic, run_stage, select_device,
                            training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
@@ -27,17 +27,17 @@ def main() -> None:
     from dae.noise import corrupt
     from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
     from dae.tracking import stage_run
-    from dae.train import FitConfig, evaluate_loss, fit, reconstruction_loss
+    from dae.train import evaluate_loss, fit, reconstruction_loss
     from stages.common import load_split
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stages.finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=MODELS)
     name = parser.parse_args().model
     params = load_params(SECTIONS)
     device = select_device(params["device"])
     make_deterministic(device)
     cfg = params["finetune"]
-    config = FitConfig(cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"])
     arch = model_arch(params, name)
     pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
                   if name in ("greedy", "greedy_ft") else None)
@@ -55,7 +55,8 @@ def main() -> None:
 
     stage = f"finetune@{name}"
     states, histories = {}, []
-    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name}) as run:
+    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name},
+                   inputs=data_inputs(["train", "val"])) as run:
         for seed in params["seeds"]:
             torch.manual_seed(seed)
             model = TiedAutoencoder.from_arch(arch)
@@ -73,6 +74,7 @@ def main() -> None:
                         for split, data in (("train", train), ("val", val))}}]
                     run.log_metrics({"best_val_loss": history[0]["val_loss"]})
                 else:
+                    config = fit_config(params, "finetune", name)
                     checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
                     result = fit(model, reconstruction_loss, train_inputs,
                                  (val["noisy"], val["clean"]), config, seed=seed,

@@ -6,8 +6,9 @@ checkpoint holds the whole stack 1..k for every seed, so stage k+1 depends on th
 """
 import argparse
 
-from stages.common import (CURVES_DIR, PRETRAIN_DIR, clear_checkpoints, load_checkpoint, load_params, log,
-                           make_deterministic, run_stage, select_device, training_checkpoint, write_trained)
+from stages.common import (CURVES_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config, load_checkpoint,
+                           load_params, log, make_deterministic, run_stage, select_device, training_checkpoint,
+                           write_trained)
 
 SECTIONS = ["arch", "pretrain", "seeds", "device"]
 
@@ -19,10 +20,11 @@ def main() -> None:
     from dae.model import TiedAutoencoder
     from dae.params import DEEP_LAYERS, deep_sizes, section_flat
     from dae.tracking import stage_run
-    from dae.train import FitConfig, fit, reconstruction_loss
+    from dae.train import fit, reconstruction_loss
     from stages.common import load_split
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stages.pretrain_layer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("layer", type=int, help=f"layer number, 1..{DEEP_LAYERS}")
     k = parser.parse_args().layer
     params = load_params(SECTIONS)
@@ -33,14 +35,15 @@ def main() -> None:
     device = select_device(params["device"])
     make_deterministic(device)
     cfg = params["pretrain"]
-    config = FitConfig(cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"])
+    config = fit_config(params, "pretrain")
     prev_arch = {"sizes": sizes[:k], "linear_code": False, "activation": activation, "output_sigmoid": True}
     prev = load_checkpoint(PRETRAIN_DIR / f"layer_{k - 1}.pt", prev_arch, params["seeds"]) if k > 1 else None
     train, val = load_split("train", device), load_split("val", device)
 
     stage = f"pretrain_layer@{k}"
     stacks, histories = {}, []
-    with stage_run(stage, section_flat(params, SECTIONS) | {"layer": k}) as run:
+    with stage_run(stage, section_flat(params, SECTIONS) | {"layer": k},
+                   inputs=data_inputs(["train", "val"])) as run:
         for seed in params["seeds"]:
             torch.manual_seed(seed)
             if prev is not None:

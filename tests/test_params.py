@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dae.params import ParamError, load, model_arch, validate
+from dae.params import ParamError, load, model_arch, section_flat, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["data", "noise", "arch", "pretrain", "finetune", "classifier", "figures", "seeds", "device"]
@@ -39,6 +39,10 @@ def test_repository_params_are_valid(params):
     ("classifier.lr", 0, "classifier.lr: must be a finite number > 0"),
     ("finetune.lr", -1e-3, "finetune.lr: must be a finite number > 0"),
     ("seeds", [0, 0], "seeds: must not repeat"),
+    ("finetune.precision", "float16", "finetune.precision: must be one of ['float32', 'bfloat16']"),
+    ("finetune.epochs", {"shallow": 10, "greedy_ft": 40}, "finetune.epochs: a mapping must name exactly"),
+    ("finetune.epochs", {"shallow": 10, "random_ft": 0, "greedy_ft": 40},
+     "finetune.epochs.random_ft: must be an integer >= 1"),
     ("seeds", [], "seeds: must be a non-empty list"),
 ])
 def test_bad_values_name_the_key_and_the_rule(params, key, value, message):
@@ -75,3 +79,16 @@ def test_model_arch(params):
     assert len(deep) == 9 and deep[-1] == params["arch"]["bottleneck"]
     with pytest.raises(ParamError, match="unknown model"):
         model_arch(params, "vae")
+
+
+def test_finetune_epochs_per_model_or_one_for_all(params):
+    from stages.common import fit_config
+
+    params["finetune"]["epochs"] = 7
+    assert {fit_config(params, "finetune", m).epochs for m in ("shallow", "random_ft", "greedy_ft")} == {7}
+    params["finetune"]["epochs"] = {"shallow": 3, "random_ft": 5, "greedy_ft": 6}
+    validate(params, ["finetune"])
+    assert [fit_config(params, "finetune", m).epochs for m in ("shallow", "random_ft", "greedy_ft")] == [3, 5, 6]
+    assert fit_config(params, "finetune", "shallow").precision == params["finetune"]["precision"]
+    flat = section_flat(params, ["finetune"])
+    assert flat["finetune.epochs.random_ft"] == 5 and "finetune.epochs" not in flat  # one MLflow param each

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dae.model import TiedAutoencoder
-from dae.train import FitConfig, TrainingDiverged, classification_loss, fit, make_optimizer, reconstruction_loss
+from dae.train import (FitConfig, TrainingDiverged, autocast, classification_loss, fit, make_optimizer,
+                       reconstruction_loss)
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,29 @@ def test_fused_adam_takes_the_same_steps_as_plain_adam(digits):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(models[0].weights[0], initial)  # it did train
+
+
+def test_bfloat16_autocast_trains_with_float32_weights_and_loss(digits):
+    """precision: bfloat16 runs the matrix products in bfloat16 (CPU or CUDA); the parameters,
+    optimizer state and loss stay float32, and it learns about as well as float32."""
+    x, noisy, _ = digits
+    data = ((noisy[:2000], x[:2000]), (noisy[2500:], x[2500:]))
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = TiedAutoencoder([784, 32])
+        model.reset_parameters(1.0, torch.Generator().manual_seed(0))
+        result = fit(model, reconstruction_loss, *data, FitConfig(3, 100, 1e-2, precision=precision), seed=0,
+                     desc=precision)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        losses[precision] = result.best_val_loss
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+    model = TiedAutoencoder([784, 32])
+    with autocast(torch.device("cpu"), "bfloat16"):
+        assert model(noisy[:4]).dtype == torch.bfloat16  # the products did run in bfloat16 ...
+        assert reconstruction_loss(model, (noisy[:4], x[:4])).dtype == torch.float32  # ... the loss did not
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown precision 'float16'"):
+        autocast(torch.device("cpu"), "float16")
