@@ -17,12 +17,36 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "dae-mnist"
 DISABLE_ENV = "DAE_TRACKING"
+# The registry alias of the version from the workspace's latest `dvc repro` (queued and temporary
+# experiments register versions too, but never move it).
+CURRENT_ALIAS = "current"
+SERVING_CODE = Path(__file__).with_name("serving.py")   # the pyfunc model (models from code)
+MODEL_CODE = Path(__file__).with_name("model.py")       # travels with it as dae_tied_autoencoder.py
+
+
+def experiment_name(dataset: str) -> str:
+    """The MLflow experiment of a dataset's runs: `dae-mnist`, `dae-fashion-mnist`.
+    One experiment per dataset, because metrics are only comparable on the same data;
+    $MLFLOW_EXPERIMENT_NAME overrides it."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"dae-{dataset}"
 
 
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+def _temp_workspace_at(parts: tuple[str, ...]) -> int | None:
+    """Where <repo>/.dvc/tmp/exps/... starts in a path: queued and --temp experiments run there."""
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return i
+    return None
+
+
+def in_workspace(start: str | Path | None = None) -> bool:
+    """True in the user's own workspace, False in a queued or temporary experiment's copy."""
+    return _temp_workspace_at(Path(start or os.getcwd()).resolve().parts) is None
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -30,9 +54,9 @@ def repo_root(start: str | Path | None = None) -> Path:
     path = Path(start or os.getcwd()).resolve()
     parts = path.parts
     # A queued `dvc exp run` executes in <repo>/.dvc/tmp/exps/...; its runs belong to <repo>.
-    for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
+    at = _temp_workspace_at(parts)
+    if at is not None:
+        return Path(*parts[:at])
     for candidate in (path, *path.parents):
         if (candidate / ".dvc").is_dir():
             return candidate
@@ -81,30 +105,66 @@ def _experiment_id(mlflow: Any, name: str, artifact_location: str | None) -> str
         return experiment.experiment_id
 
 
+def file_md5(path: Path) -> str:
+    """The MD5 of a file, as dvc.lock records it."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def registered_model_name(dataset: str, model: str) -> str:
+    """The Model Registry name of one of the four models: `dae-mnist-greedy_ft`."""
+    return f"dae-{dataset}-{model}"
+
+
 def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "on").lower() not in ("off", "0", "false", "no")
 
 
 def pipeline_tags(root: Path, params_file: str = "params.yaml") -> dict[str, str]:
-    """Tags shared by every stage of one pipeline execution, so the UI can filter them together."""
+    """Tags shared by every stage of one pipeline execution, so the UI can filter them together:
+    pipeline_id, git_commit, params_hash, dvc_exp_name and dataset."""
+    import yaml
+
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    params_hash = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12]
+    params_text = Path(params_file).read_bytes()
+    params_hash = hashlib.sha256(params_text).hexdigest()[:12]
+    dataset = (yaml.safe_load(params_text).get("data") or {}).get("dataset", "mnist")
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     pipeline_id = hashlib.sha256(f"{commit}|{params_hash}|{exp_name}".encode()).hexdigest()[:12]
     return {"pipeline_id": pipeline_id, "git_commit": commit, "params_hash": params_hash,
-            "dvc_exp_name": exp_name}
+            "dvc_exp_name": exp_name, "dataset": dataset}
 
 
 class StageRun:
     """What a stage logs to; every method is a no-op when tracking is disabled."""
 
-    def __init__(self, mlflow: Any | None, experiment_id: str | None = None) -> None:
+    def __init__(self, mlflow: Any | None, experiment_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         self._mlflow = mlflow
         self._experiment_id = experiment_id
+        self.tags = tags or {}  # the pipeline tags shared by every run of this execution
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow:
+            self._mlflow.set_tags(tags)
+
+    def run_that_wrote(self, path: Path) -> str | None:
+        """The id of the newest stage run that wrote this exact file (its `output_md5` tag): the
+        run that trained a model, even when DVC restored the file from its cache."""
+        if not self._mlflow:
+            return None
+        md5 = file_md5(path)
+        runs = self._mlflow.search_runs([self._experiment_id], f"tags.output_md5 = '{md5}'",
+                                        order_by=["attributes.start_time DESC"], max_results=1,
+                                        output_format="list")
+        return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._mlflow:
@@ -113,6 +173,56 @@ class StageRun:
     def log_artifact(self, path: str | Path) -> None:
         if self._mlflow and Path(path).exists():
             self._mlflow.log_artifact(str(path))
+
+    def log_model(self, name: str, weights: dict, metrics: dict[str, float], input_example: Any,
+                  tags: dict[str, str]) -> str | None:
+        """Log a trained denoiser as an MLflow model (dae/serving.py) from the active run, with its
+        signature, an input example and `metrics` attached; returns its models:/ URI."""
+        if not self._mlflow:
+            return None
+        import tempfile
+
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 784))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),  # 784, or the code size
+            params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(weights, Path(tmp) / "weights.pt")
+            code = Path(tmp) / "dae_tied_autoencoder.py"
+            code.write_text(MODEL_CODE.read_text())
+            info = self._mlflow.pyfunc.log_model(
+                name=name, python_model=str(SERVING_CODE), artifacts={"weights": str(Path(tmp) / "weights.pt")},
+                code_paths=[str(code)], signature=signature, input_example=input_example, tags=tags,
+                # Pinned here rather than inferred: inference loads the model in a subprocess (slow).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                                  f"mlflow=={self._mlflow.__version__}"])
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+        return info.model_uri
+
+    def register(self, model_uri: str | None, name: str, seed: int) -> str | None:
+        """A new version of registered model `name` from `model_uri`, tagged with this execution's
+        pipeline tags and `seed`. In the user's workspace (not in a queued or temporary
+        experiment) the alias CURRENT_ALIAS moves onto it. Serialised across processes on a
+        SQLite store (parallel queue workers)."""
+        if not self._mlflow or model_uri is None:
+            return None
+        tags = {k: self.tags[k] for k in ("pipeline_id", "git_commit", "dvc_exp_name", "dataset")}
+        tags |= {"seed": str(seed)}
+        alias = CURRENT_ALIAS if in_workspace() else None
+        with _sqlite_init_lock(self._mlflow.get_tracking_uri()):
+            version = self._mlflow.register_model(model_uri, name, tags=tags)
+            if alias:
+                self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+        log.info("MLflow: registered %s version %s%s", name, version.version, f" @{alias}" if alias else "")
+        return str(version.version)
+
+    def run_id(self) -> str | None:
+        return self._mlflow.active_run().info.run_id if self._mlflow else None
 
     @contextmanager
     def seed(self, seed: int, name: str) -> Iterator["StageRun"]:
@@ -127,9 +237,41 @@ class StageRun:
             yield self
 
 
+def _refused(exc: Exception, experiment: str) -> str | None:
+    """A one-line explanation when an authenticating server (`mlflow server --app-name basic-auth`)
+    refused the credentials (HTTP 401) or the permission (403); None for any other failure."""
+    import re
+
+    # MLflow's wording: "... failed with error code 401 != 200" (a plain-text answer), or the error
+    # code of a JSON one.
+    text = f"{getattr(exc, 'error_code', '')} {exc}"
+    status = re.search(r"error code (401|403)\b|\b(UNAUTHENTICATED|PERMISSION_DENIED)\b", text)
+    if not status:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user {user!r}" if user else "an anonymous client (MLFLOW_TRACKING_USERNAME is not set)"
+    if status.group(1) == "401" or status.group(2) == "UNAUTHENTICATED":
+        return (f"the tracking server refused {who} (HTTP 401): check MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD")
+    return (f"the tracking server does not let {who} write to experiment {experiment!r} (HTTP 403): "
+            "ask its admin for EDIT permission, or set DAE_TRACKING=off to run without tracking")
+
+
+def _log_inputs(mlflow: Any, inputs: list[dict[str, str]]) -> None:
+    """Record each data set the run reads as an MLflow dataset input (the UI's Datasets column)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for spec in inputs:
+        dataset = MetaDataset(HTTPDatasetSource(spec["source"]), name=spec["name"], digest=spec["digest"])
+        mlflow.log_input(dataset, context=spec["split"])
+
+
 @contextmanager
-def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yaml") -> Iterator[StageRun]:
-    """Open the MLflow run of one stage; fails fast, before any training, if the store is unusable."""
+def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yaml",
+              inputs: list[dict[str, str]] | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage; fails fast, before any training, if the store is unusable.
+    `inputs`: the data sets it reads ({name, split, digest, source}), logged as dataset inputs."""
     if not enabled():
         log.info("tracking disabled (%s=off): nothing is logged to MLflow", DISABLE_ENV)
         yield StageRun(None)
@@ -142,19 +284,21 @@ def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yam
     root = repo_root()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    tags = {**pipeline_tags(root, params_file), "stage": stage}
+    name = experiment_name(tags["dataset"])
     # With the local default store, keep artifacts beside mlflow.db, not in the cwd.
     location = (root / "mlruns").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
     try:
         with _sqlite_init_lock(uri):
             experiment_id = _experiment_id(mlflow, name, location)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        raise TrackingError(
+        raise TrackingError(_refused(exc, name) or (
             f"cannot use the MLflow tracking store {uri}: {type(exc).__name__}: {exc}\n"
             f"Check MLFLOW_TRACKING_URI (is the server running?), or set {DISABLE_ENV}=off "
-            "to run without tracking.") from exc
-    tags = {**pipeline_tags(root, params_file), "stage": stage}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
+            "to run without tracking.")) from None
+    with active:
         mlflow.log_params(params)
+        _log_inputs(mlflow, inputs or [])
         log.info("MLflow: logging stage %s to %s (pipeline_id %s)", stage, uri, tags["pipeline_id"])
-        yield StageRun(mlflow, experiment_id)
+        yield StageRun(mlflow, experiment_id, tags)

@@ -1,6 +1,8 @@
 """End to end: `dvc repro` of the whole pipeline on the tiny profile against real MNIST."""
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -59,11 +61,123 @@ def test_mlflow_has_a_run_per_stage(workspace):
     assert [m.step for m in history] == [1, 2]
 
 
+def _registry(ws):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+
+
+def test_models_are_logged_registered_and_linked(workspace):
+    """Every model of every seed is an MLflow model with its test metrics, linked to its training
+    run; one registry version per model per execution, aliased `current` (a workspace repro)."""
+    ws, _, _ = workspace
+    import mlflow
+
+    client = _registry(ws)
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dae-mnist"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]  # the stage runs, not their per-seed runs
+    for model in ("shallow", "greedy", "random_ft", "greedy_ft"):
+        version = client.get_model_version_by_alias(f"dae-mnist-{model}", "current")
+        assert len(client.search_model_versions(f"name = 'dae-mnist-{model}'")) == 1
+        assert version.tags["seed"] == "0" and version.tags["dataset"] == "mnist"
+        assert version.tags["pipeline_id"] == runs["tags.pipeline_id"].iloc[0]
+        logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))  # the logged model
+        assert {m.key: m.value for m in logged.metrics}["mse_noisy"] == pytest.approx(metrics[model]["mse_noisy"])
+        trained_by = parents[parents["tags.stage"] == f"finetune@{model}"]["run_id"].iloc[0]
+        assert logged.tags["training_run_id"] == trained_by
+    evaluate = parents[parents["tags.stage"] == "evaluate"].iloc[0]
+    inputs = client.get_run(evaluate["run_id"]).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["mnist-test", "mnist-train", "mnist-val"]
+    assert len({i.dataset.digest for i in inputs}) == 3
+
+
+def test_served_model_answers_over_http(workspace, tmp_path):
+    """`mlflow models serve -m models:/dae-mnist-greedy_ft@current`: the noisy test digits over
+    real HTTP give the pipeline's MSE; bad requests get a 400 that says what was expected."""
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    ws, _, _ = workspace
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"}
+    env.pop("PYTHONPATH", None)
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               "models:/dae-mnist-greedy_ft@current", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: str) -> tuple[int, str]:
+        request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(1)
+        test = torch.load(ws / "data" / "noisy" / "test.pt", weights_only=True)
+        clean = test["clean"].float().numpy() / 255.0
+        status, body = post(json.dumps({"inputs": test["noisy"].numpy().tolist()}))
+        assert status == 200, body
+        recon = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+        expected = json.loads((ws / "reports" / "metrics.json").read_text())["greedy_ft"]["mse_noisy"]
+        assert float(np.mean((recon - clean) ** 2)) == pytest.approx(expected, abs=1e-6)
+        status, body = post(json.dumps({"inputs": test["noisy"][:3].numpy().tolist(), "params": {"output": "code"}}))
+        assert status == 200 and np.asarray(json.loads(body)["predictions"]).shape == (3, 8)
+        bad = {"width": json.dumps({"inputs": [[0.5] * 100]}),
+               "type": json.dumps({"inputs": [["white"] * 784]}),
+               "nan": json.dumps({"inputs": [[float("nan")] * 784]}),
+               "empty": json.dumps({"inputs": []})}
+        for name, body in bad.items():
+            status, answer = post(body)
+            assert 400 <= status < 500, (name, status, answer)
+            assert "Traceback" not in answer and "stack_trace" not in answer, (name, answer)
+            assert "784" in answer or "NaN" in answer, (name, answer)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
 def test_second_repro_is_a_no_op(workspace):
-    _, run, _ = workspace
+    ws, run, _ = workspace
     second = run(sys.executable, "-m", "dvc", "repro")
     assert ran_stages(second.stdout) == []
     assert "up to date" in second.stdout
+    assert len(_registry(ws).search_model_versions("name = 'dae-mnist-greedy_ft'")) == 1  # no new version
+
+
+def test_models_are_dvc_artifacts(workspace, tmp_path):
+    """dvc.yaml declares the four models as `artifacts:`; `dvc artifacts get` fetches one from the
+    repository's DVC remote."""
+    ws, run, _ = workspace
+    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "team", str(tmp_path / "remote"))
+    run(sys.executable, "-m", "dvc", "push", "data/models/finetune/greedy_ft.pt")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "tiny results")
+    out = tmp_path / "greedy_ft.pt"
+    run(sys.executable, "-m", "dvc", "artifacts", "get", str(ws), "dae-mnist-greedy_ft", "-o", str(out))
+    assert out.read_bytes() == (ws / "data" / "models" / "finetune" / "greedy_ft.pt").read_bytes()
 
 
 def test_finetune_change_reruns_only_what_depends_on_it(workspace):
@@ -107,8 +221,15 @@ def test_fashion_mnist_runs_the_same_pipeline(workspace):
     log = result.stdout + result.stderr
     assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
     table = (ws / "reports" / "results.md").read_text()
-    assert "FASHION-MNIST" in table and "slide" not in table.splitlines()[0].lower()
+    assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     assert "slide" not in header.lower()
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
     assert all(math.isfinite(row["mse"]) for row in metrics.values())
+    page = (ws / "reports" / "index.md").read_text()
+    assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
+    import mlflow  # its runs have an experiment of their own, tagged with the dataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dae-fashion-mnist"])
+    assert {"evaluate", "figures"} <= set(runs["tags.stage"]) and set(runs["tags.dataset"]) == {"fashion-mnist"}

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from dae import tracking
@@ -47,12 +45,13 @@ def test_stage_run_logs_params_metrics_and_shared_tags(tmp_path, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT])
+    found = mlflow.search_runs(experiment_names=["dae-mnist"])
     parents = found[found["tags.mlflow.parentRunId"].isna()]
     assert sorted(parents["tags.stage"]) == ["evaluate", "pretrain_layer@1"]
     assert parents["tags.pipeline_id"].nunique() == 1
     assert set(parents["tags.dvc_exp_name"]) == {"my-exp"}
     assert set(parents["params.lr"]) == {"0.1"}
+    assert set(parents["tags.dataset"]) == {"mnist"}  # no data section: the default dataset
     assert len(found) == 4  # two stage runs, each with one nested seed run
     children = found[found["tags.mlflow.parentRunId"].notna()]
     assert set(children["tags.seed"]) == {"0"} and children["tags.pipeline_id"].nunique() == 1
@@ -93,6 +92,15 @@ def _log_one_stage(root: str, stage: str) -> None:
     with tracking.stage_run(stage, {"lr": 0.1}) as run:
         for step in range(1, 21):
             run.log_metrics({"val_loss": 1.0 / step}, step=step)
+        # ... and each registers a model under the same name, as parallel evaluate stages do
+        import numpy as np
+
+        from dae.model import TiedAutoencoder
+
+        model = TiedAutoencoder([784, 4])
+        uri = run.log_model("m", {"arch": model.arch(), "state_dict": model.state_dict()}, {"mse": 0.1},
+                            np.zeros((1, 784), np.float32), tags={})
+        run.register(uri, "dae-mnist-greedy_ft", seed=0)
 
 
 def test_parallel_stages_share_a_new_sqlite_store(tmp_path):
@@ -111,5 +119,57 @@ def test_parallel_stages_share_a_new_sqlite_store(tmp_path):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT])
+    found = mlflow.search_runs(experiment_names=["dae-mnist"])
     assert sorted(found["tags.stage"]) == ["stage0", "stage1", "stage2"]
+    versions = mlflow.MlflowClient().search_model_versions("name = 'dae-mnist-greedy_ft'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # none failed, none duplicated
+
+
+def test_experiment_follows_the_dataset_unless_named(monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert tracking.experiment_name("mnist") == "dae-mnist"
+    assert tracking.experiment_name("fashion-mnist") == "dae-fashion-mnist"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-sweep")
+    assert tracking.experiment_name("fashion-mnist") == "team-sweep"
+
+
+@pytest.mark.parametrize("status, message", [
+    (401, r"the tracking server refused user 'bob' \(HTTP 401\): check MLFLOW_TRACKING_USERNAME / "
+          r"MLFLOW_TRACKING_PASSWORD"),
+    (403, r"does not let user 'bob' write to experiment 'dae-mnist' \(HTTP 403\): ask its admin for EDIT"),
+])
+def test_refused_credentials_stop_the_stage_at_once_with_one_clear_line(tmp_path, monkeypatch, status, message):
+    """What an authenticating server answers to a wrong password (401) or a READ-only user (403),
+    served on loopback by a stand-in that refuses every request."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            body = b"You are not authenticated." if status == 401 else b"Permission denied"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("seeds: [0]\n")
+    monkeypatch.delenv("DAE_TRACKING", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    try:
+        with pytest.raises(tracking.TrackingError, match=message) as caught:
+            with tracking.stage_run("finetune@greedy_ft", {}):
+                pytest.fail("the stage body must not run")
+        assert "not-the-password" not in str(caught.value)
+    finally:
+        server.shutdown()

@@ -1,0 +1,74 @@
+"""A trained denoiser as an MLflow pyfunc model ("models from code": this file is the model).
+
+The evaluate stage logs every model it scores with this file as the model's code, the weights of
+one seed as its artifact and `dae/model.py` beside it, copied as `dae_tied_autoencoder.py`
+(code_paths). Loaded from MLflow it needs torch, numpy and mlflow only, not this repository:
+
+    model = mlflow.pyfunc.load_model("models:/dae-mnist-greedy_ft@current")
+    model.predict(images)                                  # reconstructions, [n, 784]
+    model.predict(images, params={"output": "code"})       # bottleneck codes, [n, 32]
+
+`images`: float32 [n, 784], flattened 28x28 images with pixels in [0, 1] (noisy ones may lie
+outside). Anything else is refused with a message that says what was expected (HTTP 400 when
+served).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+try:  # inside a logged model: the copy that travels with it
+    from dae_tied_autoencoder import TiedAutoencoder
+except ImportError:  # in the repository (the evaluate stage checks the model as it logs it)
+    from dae.model import TiedAutoencoder
+
+INPUT_WIDTH = 784
+OUTPUTS = ("reconstruction", "code")
+WEIGHTS = "weights"  # the artifact's key: a torch file {"arch": ..., "state_dict": ...}
+
+
+def _refuse(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def as_batch(model_input) -> np.ndarray:
+    """The input as a float32 [n, 784] array of finite values, or a clear refusal."""
+    if hasattr(model_input, "to_numpy"):  # a pandas DataFrame
+        model_input = model_input.to_numpy()
+    try:
+        batch = np.asarray(model_input, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise _refuse(f"expected numbers (float32 pixels in [0, 1]), got values that are not: {exc}") from None
+    if batch.ndim != 2 or batch.shape[1] != INPUT_WIDTH:
+        raise _refuse(f"expected a batch of flattened 28x28 images, shape (n, {INPUT_WIDTH}); "
+                      f"got shape {batch.shape}")
+    if batch.shape[0] == 0:
+        raise _refuse(f"empty batch: send at least one image of {INPUT_WIDTH} values")
+    bad = ~np.isfinite(batch)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise _refuse(f"image {row} holds NaN or infinite values; expected finite pixels in [0, 1]")
+    return batch
+
+
+class Denoiser(PythonModel):
+    def load_context(self, context) -> None:
+        saved = torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True)
+        self.model = TiedAutoencoder.from_arch(saved["arch"])
+        self.model.load_state_dict(saved["state_dict"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+        output = (params or {}).get("output", "reconstruction")
+        if output not in OUTPUTS:
+            raise _refuse(f"params.output must be one of {list(OUTPUTS)}, got {output!r}")
+        batch = torch.from_numpy(as_batch(model_input))
+        with torch.no_grad():
+            result = self.model(batch) if output == "reconstruction" else self.model.encode(batch)
+        return result.numpy()
+
+
+set_model(Denoiser())
