@@ -1,15 +1,18 @@
 """Compare pipeline executions logged to MLflow: the params that differ and every model's metrics.
 
-    python -m dae.compare EXP [EXP ...] [--x noise.level] [--out reports/compare]
+    python -m dae.compare EXP [EXP ...] [--x noise.level] [--out reports/compare] [--experiment dae-mnist]
 
 Each EXP is a DVC experiment name (the `dvc_exp_name` tag), a `pipeline_id` tag, or an MLflow
-run id of an `evaluate` run. The params of an execution are the union of what its stages
+run id of an `evaluate` run, looked up in the MLflow experiment --experiment (default:
+$MLFLOW_EXPERIMENT_NAME, else dae-mnist; Fashion-MNIST runs are in dae-fashion-mnist). The params of an execution are the union of what its stages
 logged; the metrics are its evaluate run's. Writes <out>.md, <out>.csv and, with --x, <out>.png
-(each metric against that param, one line per model). Reads MLflow's API only.
+(each metric against that param, one line per model). Reads MLflow's API only. Accuracy is in
+percent in the markdown table and the plot, a fraction in the CSV (as in reports/results.*).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +36,7 @@ def _evaluate_run(client, experiment_ids: list[str], key: str):
     return run if run.data.tags.get("stage") == "evaluate" else None
 
 
-def collect(keys: list[str], experiment: str = "dae-mnist") -> pd.DataFrame:
+def collect(keys: list[str], experiment: str) -> pd.DataFrame:
     """One row per execution: its params (union over its stages) and the evaluate metrics."""
     from mlflow.tracking import MlflowClient
 
@@ -70,12 +73,16 @@ def differing(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    def fmt(value):
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """The table with MSEs to 4 decimals and accuracies in percent (2 decimals), as results.md."""
+    def fmt(column: str, value) -> str:
+        if not isinstance(value, float):
+            return str(value)
+        return f"{100 * value:.2f} %" if ".accuracy" in column else f"{value:.4f}"
 
     header = "| " + " | ".join(frame.columns) + " |"
     lines = [header, "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(fmt(c, v) for c, v in zip(frame.columns, row)) + " |"
+              for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -88,10 +95,11 @@ def plot(frame: pd.DataFrame, x: str, path: Path) -> None:
     data = frame.assign(_x=pd.to_numeric(frame[column], errors="coerce")).sort_values("_x")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, ("mse", "mse_noisy", "accuracy")):
+        scale = 100 if metric == "accuracy" else 1
         for model, label in LABELS.items():
-            ax.plot(data["_x"], data[f"{model}.{metric}"], marker="o", label=label)
+            ax.plot(data["_x"], scale * data[f"{model}.{metric}"], marker="o", label=label)
         ax.set_xlabel(x)
-        ax.set_ylabel(metric)
+        ax.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Test metrics against {x}")
@@ -100,15 +108,18 @@ def plot(frame: pd.DataFrame, x: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m dae.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dae-mnist",
+                        help="the MLflow experiment to search (default: $MLFLOW_EXPERIMENT_NAME, else dae-mnist)")
     parser.add_argument("--x", help="a param to plot the metrics against, e.g. noise.level")
     parser.add_argument("--out", default="reports/compare", help="output path without extension")
     args = parser.parse_args(argv)
 
     from dae.io import write_text, write_with
 
-    frame = differing(collect(args.experiments))
+    frame = differing(collect(args.experiments, args.experiment))
     out = Path(args.out)
     write_with(out.with_suffix(".csv"), lambda tmp: frame.to_csv(tmp, index=False))
     write_text(out.with_suffix(".md"), to_markdown(frame))

@@ -56,7 +56,7 @@ def loss_curves(curves: dict[str, "object"], title: str):
 
 
 def latent_panels(panels: dict[str, dict[str, np.ndarray]], labels: np.ndarray, title: str):
-    """A grid of 2-D scatter plots coloured by digit: {row: {column: points [n, 2]}}."""
+    """A grid of 2-D scatter plots coloured by class (0-9): {row: {column: points [n, 2]}}."""
     rows = list(panels)
     cols = list(panels[rows[0]])
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols), 3.8 * len(rows)), squeeze=False)
@@ -73,7 +73,7 @@ def latent_panels(panels: dict[str, dict[str, np.ndarray]], labels: np.ndarray, 
             ax.set_xticks([])
             ax.set_yticks([])
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=cmap(d), label=str(d)) for d in range(10)]
-    fig.legend(handles=handles, title="digit", loc="center right", fontsize=9)
+    fig.legend(handles=handles, title="class", loc="center right", fontsize=9)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 0.93, 0.97))
     return fig

@@ -4,6 +4,9 @@ from __future__ import annotations
 import statistics
 
 METRICS = ("mse", "mse_noisy", "accuracy", "accuracy_noisy")
+# How the report names each dataset and what one of its images is.
+DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+DATASET_ITEMS = {"mnist": "digit", "fashion-mnist": "garment"}
 LABELS = {"shallow": "1+1", "greedy": "8+8 greedy", "random_ft": "8+8 random + FT",
           "greedy_ft": "8+8 greedy + FT"}
 # The published slide "Deep Denoising Autoencoder for MNIST" (accuracy as a fraction).
@@ -62,15 +65,15 @@ def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = 
     """The slide's table with our numbers beside it; ✓ where ours is at least as good.
 
     The slide is about MNIST: for any other dataset the table shows our numbers only."""
-    definitions = DEFINITIONS.format(n_test=n_test, n_val=n_val, dataset=dataset.upper())
+    definitions = DEFINITIONS.format(n_test=n_test, n_val=n_val, dataset=DATASET_TITLES[dataset])
     if dataset != "mnist":
-        lines = [f"# Results: deep denoising autoencoders on {dataset.upper()}", "",
+        lines = [f"# Results: deep denoising autoencoders on {DATASET_TITLES[dataset]}", "",
                  f"Mean ± std over {n_seeds} seed(s). The slide has no numbers for this dataset.", "",
                  "| model | MSE | MSE noisy | accuracy | accuracy noisy |", "|---|---|---|---|---|"]
         for row in table_rows(summary, with_slide=False):
             lines.append("| " + " | ".join([row["label"]] + [_fmt(m, row[m], row[f"{m}_std"]) for m in METRICS]) + " |")
         return "\n".join(lines + ["", definitions, ""])
-    lines = [f"# Results: deep denoising autoencoders on {dataset.upper()}", "",
+    lines = [f"# Results: deep denoising autoencoders on {DATASET_TITLES[dataset]}", "",
              f"Ours: mean ± std over {n_seeds} seed(s). Slide: the published table. "
              "✓ = ours at least as good as the slide (MSE lower or equal, accuracy higher or equal).", "",
              "| model | MSE (ours) | MSE (slide) | MSE noisy (ours) | MSE noisy (slide) "

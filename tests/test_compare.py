@@ -27,7 +27,7 @@ def store(tmp_path, monkeypatch):
 
 
 def test_compare_by_experiment_name(store):
-    frame = compare.differing(compare.collect(["sigma-01", "sigma-05"]))
+    frame = compare.differing(compare.collect(["sigma-01", "sigma-05"], "dae-mnist"))
     assert list(frame["experiment"]) == ["sigma-01", "sigma-05"]
     assert list(frame["param noise.level"]) == ["0.1", "0.5"]
     assert "param finetune.epochs" not in frame  # the same in both: left out
@@ -40,8 +40,24 @@ def test_compare_writes_table_csv_and_plot(store):
     assert table.count("\n| sigma-0") == 2
     assert pd.read_csv(store / "out" / "cmp.csv").shape[0] == 2
     assert (store / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    # accuracy in percent, as results.md shows it (level 0.1 × 3rd model = 0.3 -> 30.00 %)
+    assert "| 30.00 % |" in table
+
+
+def test_experiment_comes_from_the_flag_or_the_environment(store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "no-such-experiment")
+    with pytest.raises(SystemExit, match="no MLflow experiment 'no-such-experiment'"):
+        compare.main(["sigma-01", "--out", str(store / "x")])
+    compare.main(["sigma-01", "--experiment", "dae-mnist", "--out", str(store / "x")])
+    assert "sigma-01" in capsys.readouterr().out
+
+
+def test_help_names_the_module(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m dae.compare")
 
 
 def test_unknown_experiment_is_a_clear_error(store):
     with pytest.raises(SystemExit, match="no evaluate run found for 'nope'"):
-        compare.collect(["nope"])
+        compare.collect(["nope"], "dae-mnist")
