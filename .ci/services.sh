@@ -31,7 +31,7 @@ DROP DATABASE IF EXISTS dae_mlflow_test;
 CREATE DATABASE dae_mlflow_test OWNER dae_test;
 SQL
   port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
-  DAE_TEST_POSTGRES_URI="postgresql://dae_test:dae_test@127.0.0.1:$port/dae_mlflow_test"
+  DAE_TEST_POSTGRES_URI="postgresql+psycopg://dae_test:dae_test@127.0.0.1:$port/dae_mlflow_test"
   echo "PostgreSQL $version on 127.0.0.1:$port, database dae_mlflow_test"
 }
 

@@ -1,7 +1,7 @@
 """Integration: a team's setup — an `mlflow server` on PostgreSQL with a shared artifact store,
 two queued experiments run in parallel (`dvc queue start -j 2`), and a DVC remote.
 
-Needs a PostgreSQL database: `DAE_TEST_POSTGRES_URI` (postgresql://user:password@127.0.0.1/db).
+Needs a PostgreSQL database: `DAE_TEST_POSTGRES_URI` (postgresql+psycopg://user:password@127.0.0.1/db).
 `.ci/run` installs PostgreSQL from Debian's packages, starts it on loopback and sets the variable
 (with DAE_REQUIRE_SERVER_TEST=1, so CI fails rather than skips); elsewhere the test is skipped.
 Everything talks to 127.0.0.1 only, and the MLflow server is stopped at the end.
