@@ -1,28 +1,42 @@
-"""Benchmark: our fit loop against a plain DataLoader loop, and a full `dvc repro --force`.
+"""Benchmark: the time to the slide, and what bounds it.
 
-    python bench/benchmark.py               # both; writes reports/benchmark.json
-    python bench/benchmark.py --skip-repro  # the epoch comparison only (needs data/noisy from `dvc repro noise`)
+    python bench/benchmark.py                        # everything; writes reports/benchmark.json
+    python bench/benchmark.py --previous 33fa03a     # also times that commit's recipe, for the speed-up
+    python bench/benchmark.py --skip-repro           # the epoch and matmul figures only (needs data/noisy)
 
-Prints, for one fine-tuning epoch of the 8+8 model at params.yaml's batch size, the images/s of
-our loop (data as tensors on the device, batches by index permutation) and of a
-torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer and batch size,
-and their ratio (medians of interleaved epochs); then the wall time and peak RSS (largest stage
-process) of `dvc repro --force`. It also prints the FLOP rate of our epoch against the device's
-dense-matmul rate, and the least time the deep fine-tuning could take at that rate. With
---skip-repro the repro figures already in the output file are kept, so the quick half can be
-rerun without losing the slow half.
+1. The device: its dense float32 and bfloat16 matrix-multiply rates (what its compute allows).
+2. One fine-tuning epoch of the 8+8 model at params.yaml's batch size and precision: images/s of
+   our loop (data as tensors on the device, batches by index permutation) against a
+   torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer, batch size
+   and precision (medians of interleaved epochs), the epoch's GFLOP/s and its fraction of the
+   matmul rate.
+3. One seed (`seeds: [0]`): `dvc repro --force` in a fresh `git worktree` of HEAD, and with
+   --previous REV of that commit as well, one right after the other on the same machine;
+   `speedup_vs_previous` is their ratio. Both run with tracking on, as a user runs them.
+4. Three seeds: `dvc repro --force` of this workspace (its outputs are the committed results),
+   wall time, seconds per stage and peak RSS (largest stage process).
+
+Timings on a shared machine vary by up to a third from run to run: the ratios, each measured
+within one run of this script, are the figures to compare; the matmul rates say how fast the
+machine was at the time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,14 +62,14 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
 
     from dae.model import TiedAutoencoder
     from dae.params import model_arch
-    from dae.train import FitConfig, fit, make_optimizer, reconstruction_loss
-    from stages.common import load_split
+    from dae.train import autocast, fit, make_optimizer, reconstruction_loss
+    from stages.common import fit_config, load_split
 
-    cfg = params["finetune"]
     train, val = load_split("train", device), load_split("val", device)
     n = len(train["clean"])
     tiny_val = (val["noisy"][:256], val["clean"][:256])  # keep validation out of the timing
-    one_epoch = FitConfig(1, cfg["batch_size"], cfg["lr"])
+    one_epoch = fit_config(params, "finetune", "greedy_ft")
+    one_epoch.epochs = 1
 
     def fresh_model():
         torch.manual_seed(0)
@@ -67,14 +81,15 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
 
     # The usual baseline: a DataLoader over CPU tensors, each batch copied to the device.
     loader = DataLoader(TensorDataset(train["noisy"].cpu(), train["clean"].cpu()),
-                        batch_size=cfg["batch_size"], shuffle=True)
+                        batch_size=one_epoch.batch_size, shuffle=True)
 
     def baseline_epoch() -> None:
         model = fresh_model()
         optimizer = make_optimizer(model, one_epoch)  # the same Adam as ours
         for noisy, clean in loader:
             noisy, clean = noisy.to(device), clean.to(device)
-            loss = torch.mean((model(noisy) - clean) ** 2)
+            with autocast(device, one_epoch.precision):  # the same precision as ours
+                loss = reconstruction_loss(model, (noisy, clean))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,19 +113,62 @@ def train_step_flops(sizes: list[int]) -> int:
     return 12 * sum(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
-def matmul_gflops(device, size: int = 2048, repeats: int = 10) -> float:
-    """Dense float32 matrix-multiply throughput of the device: what its compute allows."""
+def matmul_gflops(device, dtype_name: str = "float32", size: int = 2048, repeats: int = 10) -> float:
+    """Dense matrix-multiply throughput of the device in `dtype_name`: what its compute allows."""
     import torch
 
-    a = torch.rand(size, size, device=device)
+    a = torch.rand(size, size, device=device).to(getattr(torch, dtype_name))
     a @ a  # warm-up
     times = [seconds_of(lambda: a @ a, device) for _ in range(repeats)]
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
+def timed_repro(cwd: Path, label: str) -> dict:
+    """`dvc repro --force` in `cwd`, its output passed through; wall seconds and seconds per stage
+    (from one "Running stage" line to the next)."""
+    print(f"--- {label}: dvc repro --force in {cwd}", flush=True)
+    starts: list[tuple[str, float]] = []
+    start = time.perf_counter()
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force"], cwd=cwd, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            found = re.match(r"Running stage '([^']+)'", line)
+            if found:
+                starts.append((found.group(1), time.perf_counter()))
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: dvc repro failed (exit {proc.returncode})")
+    end = time.perf_counter()
+    ends = [t for _, t in starts[1:]] + [end]
+    stages = {name: round(stop - begin, 1) for (name, begin), stop in zip(starts, ends)}
+    print(f"--- {label}: {end - start:.0f} s", flush=True)
+    return {"seconds": round(end - start, 1), "stage_seconds": stages}
+
+
+def one_seed_repro(rev: str, label: str) -> dict:
+    """`dvc repro --force` of commit `rev` with `seeds: [0]`, in a fresh git worktree."""
+    work = Path(tempfile.mkdtemp(prefix="dae-bench-"))
+    tree = work / "repo"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=ROOT, check=True)
+    try:
+        params_file = tree / "params.yaml"
+        params = yaml.safe_load(params_file.read_text())
+        params["seeds"] = [0]
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = timed_repro(tree, label)
+        result["commit"] = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                                          capture_output=True, text=True).stdout.strip()
+        return result
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-repro", action="store_true", help="only the epoch comparison")
+    parser = argparse.ArgumentParser(prog="python bench/benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-repro", action="store_true", help="only the epoch and matmul figures")
+    parser.add_argument("--previous", metavar="REV", help="also time this commit's recipe on one seed")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each loop (median)")
     parser.add_argument("--out", default="reports/benchmark.json")
     args = parser.parse_args()
@@ -119,47 +177,63 @@ def main() -> None:
 
     from dae.io import write_json
     from dae.params import deep_sizes, load
-    from stages.common import select_device
+    from stages.common import fit_config, select_device
 
     params = load("params.yaml")
     device = select_device(params["device"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}")
-    ours, baseline, n_train = epoch_throughput(params, device, args.repeats)
-    result = {"device": name, "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
-              "ratio": round(ours / baseline, 3)}
-    print(f"one fine-tuning epoch, 8+8 model, batch {params['finetune']['batch_size']} "
-          f"(median of {args.repeats}): "
-          f"ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, ratio {ours / baseline:.2f}")
-    # How close the loop runs to the device's compute, and what that means for the repro time:
-    # the deep fine-tuning (random_ft and greedy_ft, every seed) can be no faster than its
-    # FLOPs at the dense-matmul rate.
-    flops = train_step_flops(deep_sizes(params))
-    peak = matmul_gflops(device)
-    deep_epochs = 2 * params["finetune"]["epochs"] * len(params["seeds"])
-    result |= {"epoch_gflop_per_s": round(ours * flops / 1e9, 1), "matmul_gflop_per_s": round(peak, 1),
-               "deep_finetune_floor_seconds": round(deep_epochs * n_train * flops / (peak * 1e9), 1)}
-    print(f"{flops / 1e6:.1f} MFLOP per training image: our epoch runs at {result['epoch_gflop_per_s']:.0f} "
-          f"GFLOP/s, dense matmul at {peak:.0f} GFLOP/s; the deep fine-tuning ({deep_epochs} epochs of "
-          f"{n_train:,} images) needs >= {result['deep_finetune_floor_seconds']:.0f} s at that rate")
+    finetune = fit_config(params, "finetune", "greedy_ft")
+    rates = {dtype: matmul_gflops(device, dtype) for dtype in ("float32", "bfloat16")}
+    result: dict = {"device": name, "matmul_gflop_per_s": round(rates["float32"], 1),
+                    "matmul_bf16_gflop_per_s": round(rates["bfloat16"], 1)}
+    print(f"dense matmul: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
 
-    if not args.skip_repro:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dvc", "repro", "--force"], check=True, cwd=ROOT)
-        result["repro_seconds"] = round(time.perf_counter() - start, 1)
-        # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-        result["seeds"] = len(params["seeds"])
-        print(f"dvc repro --force ({len(params['seeds'])} seeds): {result['repro_seconds']:.0f} s, "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    ours, baseline, n_train = epoch_throughput(params, device, args.repeats)
+    flops = train_step_flops(deep_sizes(params))
+    epoch_gflops = ours * flops / 1e9
+    peak = rates[finetune.precision]
+    result |= {"batch_size": finetune.batch_size, "precision": finetune.precision,
+               "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
+               "ratio": round(ours / baseline, 3), "epoch_gflop_per_s": round(epoch_gflops, 1),
+               "epoch_fraction_of_matmul": round(epoch_gflops / peak, 3)}
+    print(f"one fine-tuning epoch, 8+8 model, batch {finetune.batch_size}, {finetune.precision} "
+          f"(median of {args.repeats}): ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, "
+          f"ratio {ours / baseline:.2f}; {flops / 1e6:.1f} MFLOP per training image, so "
+          f"{epoch_gflops:.0f} GFLOP/s = {epoch_gflops / peak:.0%} of the {finetune.precision} matmul rate")
+
     out = ROOT / args.out
-    if args.skip_repro and out.exists():
-        previous = json.loads(out.read_text())
-        kept = {k: previous[k] for k in ("repro_seconds", "peak_rss_mb", "seeds") if k in previous}
-        if kept:
-            print(f"keeping the repro figures already in {out}: {kept}")
-            result |= kept
+    if args.skip_repro:
+        if out.exists():  # keep the slow figures of the last full run
+            previous = json.loads(out.read_text())
+            result = previous | result
+        write_json(out, result)
+        print(f"wrote {out}")
+        return
+
+    env_note = os.environ.get("DAE_DATA_MIRROR", "the public mirrors")
+    print(f"data from {env_note}")
+    if args.previous:
+        prev = one_seed_repro(args.previous, f"previous recipe ({args.previous}), one seed")
+        result |= {"previous_commit": prev["commit"], "previous_one_seed_seconds": prev["seconds"],
+                   "previous_one_seed_stage_seconds": prev["stage_seconds"]}
+    current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
+    result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"]}
+    if args.previous:
+        result["speedup_vs_previous"] = round(result["previous_one_seed_seconds"] / current["seconds"], 2)
+        print(f"one seed: previous {result['previous_one_seed_seconds']:.0f} s, this recipe "
+              f"{current['seconds']:.0f} s: {result['speedup_vs_previous']:.2f}x faster")
+
+    full = timed_repro(ROOT, f"{len(params['seeds'])} seeds")
+    # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
+    result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+               "seeds": len(params["seeds"]),
+               "matmul_gflop_per_s_after": round(matmul_gflops(device), 1)}
+    print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB; float32 matmul now "
+          f"{result['matmul_gflop_per_s_after']:.0f} GFLOP/s (at the start {rates['float32']:.0f})")
     write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")
 
