@@ -221,9 +221,6 @@ class StageRun:
         log.info("MLflow: registered %s version %s%s", name, version.version, f" @{alias}" if alias else "")
         return str(version.version)
 
-    def run_id(self) -> str | None:
-        return self._mlflow.active_run().info.run_id if self._mlflow else None
-
     @contextmanager
     def seed(self, seed: int, name: str) -> Iterator["StageRun"]:
         """A nested run for one seed of this stage."""

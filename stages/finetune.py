@@ -38,6 +38,7 @@ def main() -> None:
     device = select_device(params["device"])
     make_deterministic(device)
     cfg = params["finetune"]
+    config = fit_config(params, "finetune", name) if name != "greedy" else None  # greedy trains nothing
     arch = model_arch(params, name)
     pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
                   if name in ("greedy", "greedy_ft") else None)
@@ -74,7 +75,6 @@ def main() -> None:
                         for split, data in (("train", train), ("val", val))}}]
                     run.log_metrics({"best_val_loss": history[0]["val_loss"]})
                 else:
-                    config = fit_config(params, "finetune", name)
                     checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
                     result = fit(model, reconstruction_loss, train_inputs,
                                  (val["noisy"], val["clean"]), config, seed=seed,
