@@ -164,11 +164,37 @@ def one_seed_repro(rev: str, label: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
+    """Section 2 of the docstring: our epoch against the DataLoader's, and its FLOP rate."""
+    from dae.params import deep_sizes
+    from stages.common import fit_config
+
+    finetune = fit_config(params, "finetune", "greedy_ft")
+    ours, baseline, _ = epoch_throughput(params, device, repeats)
+    flops = train_step_flops(deep_sizes(params))
+    epoch_gflops = ours * flops / 1e9
+    peak = rates[finetune.precision]
+    result = {"batch_size": finetune.batch_size, "precision": finetune.precision,
+              "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
+              "ratio": round(ours / baseline, 3), "epoch_gflop_per_s": round(epoch_gflops, 1),
+              "epoch_fraction_of_matmul": round(epoch_gflops / peak, 3)}
+    print(f"one fine-tuning epoch, 8+8 model, batch {finetune.batch_size}, {finetune.precision} "
+          f"(median of {repeats}): ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, "
+          f"ratio {ours / baseline:.2f}; {flops / 1e6:.1f} MFLOP per training image, so "
+          f"{epoch_gflops:.0f} GFLOP/s = {epoch_gflops / peak:.0%} of the {finetune.precision} matmul rate")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python bench/benchmark.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-repro", action="store_true", help="only the epoch and matmul figures")
     parser.add_argument("--previous", metavar="REV", help="also time this commit's recipe on one seed")
+    parser.add_argument("--no-one-seed", action="store_true", help="skip the one-seed repro of HEAD")
+    parser.add_argument("--previous-seconds", type=float, metavar="S",
+                        help="instead of --previous: the previous recipe's one-seed time, measured earlier "
+                             "on this machine (say when and how with --previous-note)")
+    parser.add_argument("--previous-note", default="", help="where --previous-seconds comes from")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each loop (median)")
     parser.add_argument("--out", default="reports/benchmark.json")
     args = parser.parse_args()
@@ -176,38 +202,24 @@ def main() -> None:
     import torch
 
     from dae.io import write_json
-    from dae.params import deep_sizes, load
-    from stages.common import fit_config, select_device
+    from dae.params import load
+    from stages.common import select_device
 
     params = load("params.yaml")
     device = select_device(params["device"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}")
-    finetune = fit_config(params, "finetune", "greedy_ft")
     rates = {dtype: matmul_gflops(device, dtype) for dtype in ("float32", "bfloat16")}
     result: dict = {"device": name, "matmul_gflop_per_s": round(rates["float32"], 1),
                     "matmul_bf16_gflop_per_s": round(rates["bfloat16"], 1)}
     print(f"dense matmul: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
 
-    ours, baseline, n_train = epoch_throughput(params, device, args.repeats)
-    flops = train_step_flops(deep_sizes(params))
-    epoch_gflops = ours * flops / 1e9
-    peak = rates[finetune.precision]
-    result |= {"batch_size": finetune.batch_size, "precision": finetune.precision,
-               "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
-               "ratio": round(ours / baseline, 3), "epoch_gflop_per_s": round(epoch_gflops, 1),
-               "epoch_fraction_of_matmul": round(epoch_gflops / peak, 3)}
-    print(f"one fine-tuning epoch, 8+8 model, batch {finetune.batch_size}, {finetune.precision} "
-          f"(median of {args.repeats}): ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, "
-          f"ratio {ours / baseline:.2f}; {flops / 1e6:.1f} MFLOP per training image, so "
-          f"{epoch_gflops:.0f} GFLOP/s = {epoch_gflops / peak:.0%} of the {finetune.precision} matmul rate")
-
     out = ROOT / args.out
-    if args.skip_repro:
-        if out.exists():  # keep the slow figures of the last full run
-            previous = json.loads(out.read_text())
-            result = previous | result
+    if args.skip_repro:  # the epoch figures only; keep the slow figures of the last full run
+        result |= epoch_figures(params, device, args.repeats, rates)
+        if out.exists():
+            result = json.loads(out.read_text()) | result
         write_json(out, result)
         print(f"wrote {out}")
         return
@@ -218,9 +230,12 @@ def main() -> None:
         prev = one_seed_repro(args.previous, f"previous recipe ({args.previous}), one seed")
         result |= {"previous_commit": prev["commit"], "previous_one_seed_seconds": prev["seconds"],
                    "previous_one_seed_stage_seconds": prev["stage_seconds"]}
-    current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
-    result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"]}
-    if args.previous:
+    if not args.no_one_seed:
+        current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
+        result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"]}
+    if args.previous_seconds:
+        result |= {"previous_one_seed_seconds": args.previous_seconds, "previous_note": args.previous_note}
+    if "previous_one_seed_seconds" in result and not args.no_one_seed:
         result["speedup_vs_previous"] = round(result["previous_one_seed_seconds"] / current["seconds"], 2)
         print(f"one seed: previous {result['previous_one_seed_seconds']:.0f} s, this recipe "
               f"{current['seconds']:.0f} s: {result['speedup_vs_previous']:.2f}x faster")
@@ -234,6 +249,7 @@ def main() -> None:
     print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB; float32 matmul now "
           f"{result['matmul_gflop_per_s_after']:.0f} GFLOP/s (at the start {rates['float32']:.0f})")
+    result |= epoch_figures(params, device, args.repeats, rates)  # data/noisy exists now
     write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")
 
