@@ -170,7 +170,7 @@ def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
     from stages.common import fit_config
 
     finetune = fit_config(params, "finetune", "greedy_ft")
-    ours, baseline, _ = epoch_throughput(params, device, repeats)
+    ours, baseline, n_train = epoch_throughput(params, device, repeats)
     flops = train_step_flops(deep_sizes(params))
     epoch_gflops = ours * flops / 1e9
     peak = rates[finetune.precision]
@@ -178,6 +178,11 @@ def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
               "epoch_images_per_s": round(ours, 1), "baseline_images_per_s": round(baseline, 1),
               "ratio": round(ours / baseline, 3), "epoch_gflop_per_s": round(epoch_gflops, 1),
               "epoch_fraction_of_matmul": round(epoch_gflops / peak, 3)}
+    # The least time the deep fine-tuning (random_ft and greedy_ft, every seed) could take if it
+    # ran at the device's matmul rate in its precision.
+    deep_epochs = len(params["seeds"]) * sum(fit_config(params, "finetune", m).epochs
+                                             for m in ("random_ft", "greedy_ft"))
+    result["deep_finetune_floor_seconds"] = round(deep_epochs * n_train * flops / (peak * 1e9), 1)
     print(f"one fine-tuning epoch, 8+8 model, batch {finetune.batch_size}, {finetune.precision} "
           f"(median of {repeats}): ours {ours:,.0f} images/s, DataLoader {baseline:,.0f} images/s, "
           f"ratio {ours / baseline:.2f}; {flops / 1e6:.1f} MFLOP per training image, so "
