@@ -107,11 +107,8 @@ def _experiment_id(mlflow: Any, name: str, artifact_location: str | None) -> str
 
 def file_md5(path: Path) -> str:
     """The MD5 of a file, as dvc.lock records it."""
-    digest = hashlib.md5()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def registered_model_name(dataset: str, model: str) -> str:
