@@ -129,7 +129,9 @@ def timed_repro(cwd: Path, label: str) -> dict:
     print(f"--- {label}: dvc repro --force in {cwd}", flush=True)
     starts: list[tuple[str, float]] = []
     start = time.perf_counter()
-    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force"], cwd=cwd, text=True,
+    # The stages' `python` is this interpreter's, as in an activated venv.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force"], cwd=cwd, text=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
