@@ -130,6 +130,25 @@ def test_parallel_queued_experiments_are_in_the_server(mlflow_server, queued_exp
     assert a_start < b_end and b_start < a_end, "the two queued experiments did not run in parallel"
 
 
+def test_models_and_registry_versions_are_in_the_server(mlflow_server, queued_experiments, monkeypatch):
+    """Each queued experiment registered one version per model through the server, with its
+    experiment's name; queued runs do not move the `current` alias; the model files went through
+    the artifact proxy, and a version loads back from the server."""
+    url, artifact_store = mlflow_server
+    import mlflow
+    import numpy as np
+
+    client = mlflow.MlflowClient(url)
+    for model in ("shallow", "greedy", "random_ft", "greedy_ft"):
+        versions = client.search_model_versions(f"name = 'dae-mnist-{model}'")
+        assert sorted(v.tags["dvc_exp_name"] for v in versions) == sorted(EXPERIMENTS)
+        assert not client.get_registered_model(f"dae-mnist-{model}").aliases
+    assert len(list(artifact_store.rglob("MLmodel"))) == 4 * len(EXPERIMENTS)  # one seed each
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    loaded = mlflow.pyfunc.load_model("models:/dae-mnist-greedy_ft/1")
+    assert loaded.predict(np.zeros((2, 784), np.float32)).shape == (2, 784)
+
+
 def test_dvc_push_and_pull_round_trip_through_a_remote(queued_experiments, tmp_path_factory):
     ws, run = queued_experiments
     run(sys.executable, "-m", "dvc", "exp", "apply", "sigma-high")  # (restores .dvc/config too)
