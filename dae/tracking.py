@@ -4,6 +4,12 @@ The default store is SQLite at the repository root (`mlflow.db`, artifacts in `m
 resolved to absolute paths so runs land there from any working directory, including DVC's
 temporary experiment workspaces under `.dvc/tmp/exps/`. `MLFLOW_TRACKING_URI` overrides it
 (e.g. a tracking server); `DAE_TRACKING=off` disables tracking for offline work.
+
+A tracking server that is unreachable, or refuses the user, stops a stage at its start, before
+any training, with one line. A server (or its database) that goes away while a stage trains is
+waited for: MLflow's client retries each request with exponential backoff for about two minutes
+(RETRIES_WHILE_RUNNING); if it is still gone, the stage stops with one line before it writes its
+outputs, and `dvc repro` resumes from the last completed epoch once the server is back.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +41,56 @@ def experiment_name(dataset: str) -> str:
 
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+# Start-up check: one attempt, 10 s, so a wrong URI or a stopped server fails in seconds.
+STARTUP_RETRIES, STARTUP_TIMEOUT_S = "0", "10"
+# While a stage runs, a lost server is waited for: urllib3 backs off 0, 2, 4, ..., 64 s between
+# the attempts (backoff factor 1), about two minutes in all, on connection errors and on
+# 429/5xx answers (a server whose database is down). 401/403 are never retried.
+RETRIES_WHILE_RUNNING, BACKOFF_FACTOR_WHILE_RUNNING, TIMEOUT_WHILE_RUNNING_S = "7", "1", "120"
+_RETRY_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+_user_http_env: set[str] | None = None  # the retry settings the user set before any stage ran
+
+
+@contextmanager
+def _http_policy(retries: str, timeout: str, backoff: str | None = None) -> Iterator[None]:
+    """MLflow's HTTP retry settings for a block (its client reads them on every request); the
+    ones the user set in the environment win. Blocks nest."""
+    global _user_http_env
+    if _user_http_env is None:
+        _user_http_env = {name for name in _RETRY_ENV if name in os.environ}
+    saved = {name: os.environ.get(name) for name in _RETRY_ENV}
+    for name, value in zip(_RETRY_ENV, (retries, backoff, timeout)):
+        if name not in _user_http_env and value is not None:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if name in _user_http_env:
+                continue
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _lost(exc: Exception, uri: str, experiment: str) -> TrackingError:
+    """What a stage says when the store failed after it started: one line, no traceback."""
+    refused = _refused(exc, experiment)
+    if refused:
+        return TrackingError(refused)
+    cause = " ".join(str(exc).split())
+    if len(cause) > 300:
+        cause = cause[:300] + " ..."
+    return TrackingError(
+        f"lost the MLflow tracking store {uri} while the stage ran, and it did not come back "
+        f"within the retries ({type(exc).__name__}: {cause}). The stage's outputs were not "
+        "written; once the server is back, `dvc repro` resumes from the last completed epoch.")
 
 
 def _temp_workspace_at(parts: tuple[str, ...]) -> int | None:
@@ -143,14 +200,26 @@ class StageRun:
     """What a stage logs to; every method is a no-op when tracking is disabled."""
 
     def __init__(self, mlflow: Any | None, experiment_id: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, experiment: str = "") -> None:
         self._mlflow = mlflow
         self._experiment_id = experiment_id
+        self._experiment = experiment
         self.tags = tags or {}  # the pipeline tags shared by every run of this execution
+
+    @contextmanager
+    def _store(self) -> Iterator[None]:
+        """Turn a store that failed (after MLflow's retries) into one TrackingError line."""
+        try:
+            yield
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MlflowException, requests' errors, ...
+            raise _lost(exc, self._mlflow.get_tracking_uri(), self._experiment) from None
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow:
-            self._mlflow.set_tags(tags)
+            with self._store():
+                self._mlflow.set_tags(tags)
 
     def run_that_wrote(self, path: Path) -> str | None:
         """The id of the newest stage run that wrote this exact file (its `output_md5` tag): the
@@ -158,18 +227,21 @@ class StageRun:
         if not self._mlflow:
             return None
         md5 = file_md5(path)
-        runs = self._mlflow.search_runs([self._experiment_id], f"tags.output_md5 = '{md5}'",
-                                        order_by=["attributes.start_time DESC"], max_results=1,
-                                        output_format="list")
+        with self._store():
+            runs = self._mlflow.search_runs([self._experiment_id], f"tags.output_md5 = '{md5}'",
+                                            order_by=["attributes.start_time DESC"], max_results=1,
+                                            output_format="list")
         return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._mlflow:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            with self._store():
+                self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path) -> None:
         if self._mlflow and Path(path).exists():
-            self._mlflow.log_artifact(str(path))
+            with self._store():
+                self._mlflow.log_artifact(str(path))
 
     def log_model(self, name: str, weights: dict, metrics: dict[str, float], input_example: Any,
                   tags: dict[str, str]) -> str | None:
@@ -188,7 +260,7 @@ class StageRun:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 784))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),  # 784, or the code size
             params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, self._store():
             torch.save(weights, Path(tmp) / "weights.pt")
             code = Path(tmp) / "dae_tied_autoencoder.py"
             code.write_text(MODEL_CODE.read_text())
@@ -198,7 +270,7 @@ class StageRun:
                 # Pinned here rather than inferred: inference loads the model in a subprocess (slow).
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                                   f"mlflow=={self._mlflow.__version__}"])
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
         return info.model_uri
 
     def register(self, model_uri: str | None, name: str, seed: int) -> str | None:
@@ -211,7 +283,7 @@ class StageRun:
         tags = {k: self.tags[k] for k in ("pipeline_id", "git_commit", "dvc_exp_name", "dataset")}
         tags |= {"seed": str(seed)}
         alias = CURRENT_ALIAS if in_workspace() else None
-        with _sqlite_init_lock(self._mlflow.get_tracking_uri()):
+        with _sqlite_init_lock(self._mlflow.get_tracking_uri()), self._store():
             version = self._mlflow.register_model(model_uri, name, tags=tags)
             if alias:
                 self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
@@ -226,8 +298,10 @@ class StageRun:
             return
         parent_tags = self._mlflow.active_run().data.tags
         tags = {k: v for k, v in parent_tags.items() if not k.startswith("mlflow.")}
-        with self._mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{name} seed {seed}",
-                                    nested=True, tags=tags | {"seed": str(seed)}):
+        with self._store():
+            self._mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{name} seed {seed}",
+                                   nested=True, tags=tags | {"seed": str(seed)})
+        with _ending(self):
             yield self
 
 
@@ -270,29 +344,50 @@ def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yam
         log.info("tracking disabled (%s=off): nothing is logged to MLflow", DISABLE_ENV)
         yield StageRun(None)
         return
-    # An unreachable server should fail in seconds, not after minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
     root = repo_root()
     uri = tracking_uri(root)
+    # With the local default store, keep artifacts beside mlflow.db, not in the cwd (a queued
+    # experiment's cwd is a temporary copy that DVC deletes). Decided before set_tracking_uri,
+    # which exports MLFLOW_TRACKING_URI.
+    location = (root / "mlruns").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
     mlflow.set_tracking_uri(uri)
     tags = {**pipeline_tags(root, params_file), "stage": stage}
     name = experiment_name(tags["dataset"])
-    # With the local default store, keep artifacts beside mlflow.db, not in the cwd.
-    location = (root / "mlruns").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
     try:
-        with _sqlite_init_lock(uri):
+        with _http_policy(STARTUP_RETRIES, STARTUP_TIMEOUT_S), _sqlite_init_lock(uri):
             experiment_id = _experiment_id(mlflow, name, location)
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+            mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise TrackingError(_refused(exc, name) or (
             f"cannot use the MLflow tracking store {uri}: {type(exc).__name__}: {exc}\n"
             f"Check MLFLOW_TRACKING_URI (is the server running?), or set {DISABLE_ENV}=off "
             "to run without tracking.")) from None
-    with active:
-        mlflow.log_params(params)
-        _log_inputs(mlflow, inputs or [])
+    run = StageRun(mlflow, experiment_id, tags, name)
+    with _http_policy(RETRIES_WHILE_RUNNING, TIMEOUT_WHILE_RUNNING_S, BACKOFF_FACTOR_WHILE_RUNNING), \
+            _ending(run):
+        with run._store():
+            mlflow.log_params(params)
+            _log_inputs(mlflow, inputs or [])
         log.info("MLflow: logging stage %s to %s (pipeline_id %s)", stage, uri, tags["pipeline_id"])
-        yield StageRun(mlflow, experiment_id, tags)
+        yield run
+
+
+@contextmanager
+def _ending(run: StageRun) -> Iterator[None]:
+    """End the active run: FINISHED, or FAILED (best effort) when the block raised. A store that
+    is gone must not replace the stage's own error with a traceback from end_run."""
+    mlflow = run._mlflow
+    try:
+        yield
+    except BaseException:
+        status = "KILLED" if sys.exc_info()[0] in (KeyboardInterrupt, SystemExit) else "FAILED"
+        with _http_policy(STARTUP_RETRIES, STARTUP_TIMEOUT_S):
+            try:
+                mlflow.end_run(status)
+            except Exception:  # noqa: BLE001 - the stage's own error is the one to report
+                log.warning("MLflow: could not mark the run %s (the store is unreachable)", status)
+        raise
+    with run._store():
+        mlflow.end_run()

@@ -61,3 +61,30 @@ def mnist_raw(mnist_mirror, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw")
     download("mnist", out, mirrors=[str(mnist_mirror)])
     return out
+
+
+POSTGRES_ENV = "DAE_TEST_POSTGRES_URI"
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> str:
+    uri = os.environ.get(POSTGRES_ENV)
+    if not uri:
+        if os.environ.get("DAE_REQUIRE_SERVER_TEST"):
+            pytest.fail(f"{POSTGRES_ENV} is not set but DAE_REQUIRE_SERVER_TEST is: PostgreSQL did not start")
+        pytest.skip(f"{POSTGRES_ENV} is not set (see .ci/run for how CI starts PostgreSQL)")
+    assert "@127.0.0.1" in uri or "@localhost" in uri, "the test only talks to loopback"
+    return uri
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environment():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from dae import tracking
@@ -16,6 +18,59 @@ def test_default_uri_is_sqlite_at_the_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db?timeout=60"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_a_store_first_used_by_a_queued_experiment_keeps_artifacts_at_the_root(tmp_path, monkeypatch):
+    """DVC deletes a queued experiment's temporary copy afterwards: the runs' artifacts (curves,
+    models) must go beside mlflow.db, even when that copy created the store and the experiment."""
+    import mlflow
+
+    (tmp_path / ".dvc").mkdir()
+    temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (temp_copy / ".dvc").mkdir(parents=True)
+    (temp_copy / "params.yaml").write_text("seeds: [0]\n")
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.stage_run("stage", {"a": 1}) as run:
+        run.log_artifact(temp_copy / "params.yaml")
+    artifacts = list((tmp_path / "mlruns").rglob("params.yaml"))
+    assert len(artifacts) == 1 and not (temp_copy / "mlruns").exists()
+    assert mlflow.get_experiment_by_name("dae-mnist").artifact_location == (tmp_path / "mlruns").as_uri()
+
+
+def test_retry_settings_while_a_stage_runs_and_the_users_own_win(monkeypatch):
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking, "_user_http_env", None)
+    with tracking._http_policy(tracking.RETRIES_WHILE_RUNNING, "120", "1"):
+        assert [os.environ[n] for n in names] == [tracking.RETRIES_WHILE_RUNNING, "1", "120"]
+        with tracking._http_policy(tracking.STARTUP_RETRIES, tracking.STARTUP_TIMEOUT_S):  # nests
+            assert os.environ[names[0]] == "0" and os.environ[names[2]] == "10"
+        assert os.environ[names[0]] == tracking.RETRIES_WHILE_RUNNING
+    assert not [n for n in names if n in os.environ]
+    monkeypatch.setenv(names[0], "2")
+    monkeypatch.setattr(tracking, "_user_http_env", None)
+    with tracking._http_policy(tracking.STARTUP_RETRIES, tracking.STARTUP_TIMEOUT_S):
+        assert os.environ[names[0]] == "2"
+    assert os.environ[names[0]] == "2"
+
+
+def test_a_store_lost_mid_stage_is_one_line(monkeypatch):
+    class GoneStore:
+        def get_tracking_uri(self):
+            return "http://127.0.0.1:5000"
+
+        def log_metrics(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch\n(refused)")
+
+    run = tracking.StageRun(GoneStore(), "1", {}, "dae-mnist")
+    with pytest.raises(tracking.TrackingError) as caught:
+        run.log_metrics({"x": 1.0}, step=1)
+    message = str(caught.value)
+    assert message.startswith("lost the MLflow tracking store http://127.0.0.1:5000 while the stage ran")
+    assert "ConnectionError: Max retries exceeded" in message and "\n" not in message
+    assert "`dvc repro` resumes from the last completed epoch" in message
 
 
 def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
