@@ -1,5 +1,5 @@
 # Sourced by .ci/run (and usable by hand: `. .ci/services.sh && start_postgres`): Debian's
-# packages for the tests, and a PostgreSQL database for the MLflow server integration test.
+# packages for the tests, and PostgreSQL for the MLflow server tests (tests/test_server*.py).
 
 install_debian_packages() {
   local missing=()
@@ -14,7 +14,8 @@ install_debian_packages() {
 
 PG_STARTED_HERE=""
 start_postgres() {
-  # Debian's cluster listens on localhost only; the test database is created afresh each time.
+  # Debian's cluster listens on localhost only; the test database is created afresh each time, and
+  # the test role may create more (each server test module makes fresh ones).
   local version port
   version=$(ls /etc/postgresql | sort -n | tail -1)
   if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" && $4 == "online"' | grep -q .; then
@@ -27,11 +28,14 @@ DO $$ BEGIN
     CREATE ROLE dae_test LOGIN PASSWORD 'dae_test';
   END IF;
 END $$;
+ALTER ROLE dae_test CREATEDB;
 DROP DATABASE IF EXISTS dae_mlflow_test;
 CREATE DATABASE dae_mlflow_test OWNER dae_test;
 SQL
   port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
   DAE_TEST_POSTGRES_URI="postgresql+psycopg://dae_test:dae_test@127.0.0.1:$port/dae_mlflow_test"
+  # How tests/test_server_faults.py stops PostgreSQL under a running server, and starts it again.
+  DAE_TEST_POSTGRES_CTL="pg_ctlcluster $version main"
   echo "PostgreSQL $version on 127.0.0.1:$port, database dae_mlflow_test"
 }
 

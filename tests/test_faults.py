@@ -3,7 +3,6 @@ tracking server, an unwritable output folder and SIGTERM. Each case checks the e
 that the message names the cause, and that no output was half-written or silently replaced."""
 import gzip
 import re
-import os
 import shutil
 import signal
 import subprocess
@@ -13,66 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.workspace import apply_tiny_profile
+from tests.workspace import Workspace, prepare_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ([("stages.pretrain_layer", str(k)) for k in range(1, 9)]
                    + [("stages.finetune", m) for m in ("shallow", "greedy", "random_ft", "greedy_ft")])
 
 
-class Workspace:
-    def __init__(self, path: Path, mirror: Path):
-        self.path = path
-        self.env = {**os.environ, "DAE_DATA_MIRROR": str(mirror), "DAE_TRACKING": "off",
-                    "PYTHONPATH": str(path)}
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.path / "params.yaml").read_text())
-
-    def set_param(self, key: str, value) -> None:
-        params = self.params()
-        node = params
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    def stage(self, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=timeout)
-
-    def run_all(self, stages: list[tuple[str, ...]]) -> None:
-        """Run stages in order; each must succeed."""
-        for args in stages:
-            result = self.stage(*args)
-            assert result.returncode == 0, f"{args}: {result.stderr}"
-
-    def copy(self, dest: Path) -> "Workspace":
-        shutil.copytree(self.path, dest)
-        return Workspace(dest, Path(self.env["DAE_DATA_MIRROR"]))
-
-    def snapshot(self, folder: str) -> dict[str, bytes]:
-        base = self.path / folder
-        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, mnist_mirror):
     """A tiny-profile workspace where download, noise and pretrain_layer 1 have run once."""
-    path = tmp_path_factory.mktemp("faults")
-    for item in ("dae", "stages", "params.yaml", "tests/tiny_params.yaml"):
-        src = ROOT / item
-        (path / item).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, path / item)
-    (path / ".dvc").mkdir()
-    apply_tiny_profile(path / "params.yaml", yaml.safe_load((path / "tests/tiny_params.yaml").read_text()))
-    ws = Workspace(path, mnist_mirror)
-    ws.run_all([("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")])
-    return ws
+    return prepare_workspace(tmp_path_factory.mktemp("faults"), mnist_mirror)
 
 
 @pytest.fixture()

@@ -2,7 +2,9 @@
 import json
 import math
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,20 +20,45 @@ TRACKED_STAGES = [s for s in STAGES if s not in ("download", "noise")]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, mnist_mirror):
-    """A copy of the repository (what git would clone) with the tiny profile applied."""
+    """A copy of the repository (what git would clone) with the tiny profile applied, and its
+    first `dvc repro`; while that one trains, a second `dvc repro` in the same workspace."""
     ws = tmp_path_factory.mktemp("repo")
     run = make_workspace(ws, mnist_mirror)
-    first = run(sys.executable, "-m", "dvc", "repro")
-    return ws, run, first
+    log = tmp_path_factory.mktemp("log") / "stderr.txt"
+    with log.open("w") as stderr:  # a file: a full pipe would block the stages
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=ws, text=True, stdout=subprocess.PIPE,
+                                stderr=stderr, env={**run.env, "PYTHONUNBUFFERED": "1"})
+        stdout = []
+        for line in proc.stdout:
+            stdout.append(line)
+            if "Running stage 'pretrain_layer@1'" in line:
+                break
+        second = run(sys.executable, "-m", "dvc", "repro", check=False)
+        rest = proc.communicate(timeout=1800)[0]
+    first = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(stdout) + rest, log.read_text())
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+    return ws, run, first, second
 
 
 def test_every_stage_runs(workspace):
-    _, _, first = workspace
+    _, _, first, _ = workspace
     assert sorted(ran_stages(first.stdout)) == sorted(STAGES)
 
 
+def test_a_second_repro_in_the_same_workspace_gets_the_lock_error(workspace):
+    """DVC's locks: the second `dvc repro` stops at once, with the repository lock's error or (as
+    DVC releases that lock while a stage's command runs) the lock of the outputs the running stage
+    reads; it runs nothing. The first was not disturbed: it ran every stage, and its outputs
+    match dvc.lock (the no-op test below)."""
+    _, _, _, second = workspace
+    output = second.stderr + second.stdout
+    assert second.returncode != 0
+    assert "Unable to acquire lock" in output or re.search(r"'\S+' is busy, it is being blocked by", output), output
+    assert not ran_stages(second.stdout)
+
+
 def test_metrics_table_and_figure(workspace):
-    ws, _, _ = workspace
+    ws, *_ = workspace
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
     assert list(metrics) == ["shallow", "greedy", "random_ft", "greedy_ft"]
     for row in metrics.values():
@@ -46,7 +73,7 @@ def test_metrics_table_and_figure(workspace):
 
 
 def test_mlflow_has_a_run_per_stage(workspace):
-    ws, _, _ = workspace
+    ws, *_ = workspace
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
@@ -70,7 +97,7 @@ def _registry(ws):
 def test_models_are_logged_registered_and_linked(workspace):
     """Every model of every seed is an MLflow model with its test metrics, linked to its training
     run; one registry version per model per execution, aliased `current` (a workspace repro)."""
-    ws, _, _ = workspace
+    ws, *_ = workspace
     import mlflow
 
     client = _registry(ws)
@@ -105,7 +132,7 @@ def test_served_model_answers_over_http(workspace, tmp_path):
     import numpy as np
     import torch
 
-    ws, _, _ = workspace
+    ws, *_ = workspace
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -165,7 +192,7 @@ def test_served_model_answers_over_http(workspace, tmp_path):
 
 
 def test_second_repro_is_a_no_op(workspace):
-    ws, run, _ = workspace
+    ws, run, *_ = workspace
     second = run(sys.executable, "-m", "dvc", "repro")
     assert ran_stages(second.stdout) == []
     assert "up to date" in second.stdout
@@ -175,7 +202,7 @@ def test_second_repro_is_a_no_op(workspace):
 def test_models_are_dvc_artifacts(workspace, tmp_path):
     """dvc.yaml declares the four models as `artifacts:`; once a version is tagged (GTO's git tag
     format, <name>@v<semver>), `dvc artifacts get` fetches it from the repository's DVC remote."""
-    ws, run, _ = workspace
+    ws, run, *_ = workspace
     run(sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "team", str(tmp_path / "remote"))
     run(sys.executable, "-m", "dvc", "push", "data/models/finetune/greedy_ft.pt")
     run("git", "add", "-A")
@@ -187,7 +214,7 @@ def test_models_are_dvc_artifacts(workspace, tmp_path):
 
 
 def test_finetune_change_reruns_only_what_depends_on_it(workspace):
-    ws, run, _ = workspace
+    ws, run, *_ = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["finetune"]["epochs"] = 3
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -200,7 +227,7 @@ def test_finetune_change_reruns_only_what_depends_on_it(workspace):
 
 def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
     """`dvc exp run -S arch.bottleneck=2`: the 2-D variant runs, and MLflow knows the experiment."""
-    ws, run, _ = workspace
+    ws, run, *_ = workspace
     result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
     assert "figures" in ran_stages(result.stdout)
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
@@ -222,7 +249,7 @@ def test_fashion_mnist_runs_the_same_pipeline(workspace):
     """`-S data.dataset=fashion-mnist`: its own checksums (the MNIST files in DAE_DATA_MIRROR,
     tried first, fail them; Debian's folder passes), and a report that names the dataset and has
     no slide numbers."""
-    ws, run, _ = workspace
+    ws, run, *_ = workspace
     result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist")
     log = result.stdout + result.stderr
     assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log

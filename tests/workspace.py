@@ -25,8 +25,72 @@ def apply_tiny_profile(params_file: Path, overrides: dict) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+class Workspace:
+    def __init__(self, path: Path, mirror: Path):
+        self.path = path
+        self.env = {**os.environ, "DAE_DATA_MIRROR": str(mirror), "DAE_TRACKING": "off",
+                    "PYTHONPATH": str(path)}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def set_param(self, key: str, value) -> None:
+        params = self.params()
+        node = params
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def stage(self, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run_all(self, stages: list[tuple[str, ...]]) -> None:
+        """Run stages in order; each must succeed."""
+        for args in stages:
+            result = self.stage(*args)
+            assert result.returncode == 0, f"{args}: {result.stderr}"
+
+    def copy(self, dest: Path) -> "Workspace":
+        shutil.copytree(self.path, dest)
+        return Workspace(dest, Path(self.env["DAE_DATA_MIRROR"]))
+
+    def snapshot(self, folder: str) -> dict[str, bytes]:
+        base = self.path / folder
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def prepare_workspace(path: Path, mnist_mirror: Path) -> Workspace:
+    """The stages' code and the tiny profile in `path`, with download, noise and pretrain_layer 1
+    run once (tracking off), for tests that run stage processes directly."""
+    for item in ("dae", "stages", "params.yaml", "tests/tiny_params.yaml"):
+        src = ROOT / item
+        (path / item).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, path / item)
+    (path / ".dvc").mkdir()
+    apply_tiny_profile(path / "params.yaml", yaml.safe_load((path / "tests/tiny_params.yaml").read_text()))
+    ws = Workspace(path, mnist_mirror)
+    ws.run_all([("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")])
+    return ws
+
+
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def runner(cwd: Path, env: dict[str, str]) -> Runner:
+    """Run commands in `cwd` with `env`; a failing one (unless check=False) fails the test."""
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    run.env = env  # type: ignore[attr-defined]
+    return run
 
 
 def make_workspace(ws: Path, mnist_mirror: Path, env_overrides: dict[str, str] | None = None) -> Runner:
@@ -47,13 +111,7 @@ def make_workspace(ws: Path, mnist_mirror: Path, env_overrides: dict[str, str] |
     env |= {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
             "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
     env |= env_overrides or {}
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
+    run = runner(ws, env)
     run("git", "init", "-q")
     run("git", "commit", "-q", "--allow-empty", "-m", "empty")
     run("git", "add", "-A")
