@@ -361,6 +361,13 @@ def main() -> None:
     if "server" in parts and not args.postgres:
         raise SystemExit("the server part needs --postgres (or DAE_TEST_POSTGRES_URI); --only sqlite skips it")
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import torch
+
+    from bench.benchmark import matmul_gflops
+
+    # Wall times depend on the machine: record how fast it was (README "Measuring").
+    results["machine"] = {"cpus": os.cpu_count(), "float32_matmul_gflops": round(
+        matmul_gflops(torch.device("cpu")), 1), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for part in parts:
         n, j = (args.server_n, args.server_j) if part == "server" else (args.sqlite_n, args.sqlite_j)
         print(f"{part}: {n} experiments, {j} workers ...", flush=True)
