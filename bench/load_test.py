@@ -76,6 +76,14 @@ class TrackingServer:
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     process: subprocess.Popen | None = None
 
+    @classmethod
+    def authenticated(cls, postgres: str, folder: Path, prefix: str) -> "TrackingServer":
+        """A basic-auth server (not started) on two fresh databases, `<prefix>_<tag>` for the runs
+        and `<prefix>_auth_<tag>` for the users, artifacts and log in `folder`."""
+        tag = secrets.token_hex(3)
+        return cls(fresh_database(postgres, f"{prefix}_{tag}"), folder / "artifacts", folder / "mlflow-server.log",
+                   auth_db=fresh_database(postgres, f"{prefix}_auth_{tag}"))
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -306,9 +314,7 @@ def load_part(store: str, n: int, workers: int, postgres: str | None, work: Path
     server = None
     env = {"OMP_NUM_THREADS": "1"}  # J workers share the cores
     if store == "server":
-        tag = secrets.token_hex(3)
-        server = TrackingServer(fresh_database(postgres, f"dae_load_{tag}"), work / "artifacts",
-                                work / "mlflow-server.log", auth_db=fresh_database(postgres, f"dae_load_auth_{tag}"))
+        server = TrackingServer.authenticated(postgres, work, "dae_load")
         server.start()
         password = team_user(server, "worker", edit=True)
         env |= {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "worker",

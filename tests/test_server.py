@@ -10,7 +10,6 @@ so CI fails rather than skips); elsewhere the test is skipped. Everything talks 
 """
 import json
 import os
-import secrets
 import shutil
 import sys
 import urllib.error
@@ -19,7 +18,7 @@ from base64 import b64encode
 
 import pytest
 
-from bench.load_test import TrackingServer, audit, executions_params, fresh_database, run_queue, team_user
+from bench.load_test import TrackingServer, audit, executions_params, run_queue, team_user
 from tests.workspace import make_workspace, runner
 
 N_EXPERIMENTS, WORKERS = 6, 3   # the CI-sized load test (bench/load_test.py: 16 and 4)
@@ -28,10 +27,7 @@ N_EXPERIMENTS, WORKERS = 6, 3   # the CI-sized load test (bench/load_test.py: 16
 @pytest.fixture(scope="module")
 def server(postgres_uri, tmp_path_factory):
     """The basic-auth tracking server on fresh PostgreSQL databases (runs, and users)."""
-    tag = secrets.token_hex(3)
-    folder = tmp_path_factory.mktemp("server")
-    srv = TrackingServer(fresh_database(postgres_uri, f"dae_test_{tag}"), folder / "artifacts",
-                         folder / "mlflow-server.log", auth_db=fresh_database(postgres_uri, f"dae_test_auth_{tag}"))
+    srv = TrackingServer.authenticated(postgres_uri, tmp_path_factory.mktemp("server"), "dae_test")
     srv.start()
     yield srv
     srv.stop()

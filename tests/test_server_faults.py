@@ -12,14 +12,13 @@ DAE_TEST_POSTGRES_CTL, the command that stops and starts that cluster (`.ci/run`
 """
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
 
 import pytest
 
-from bench.load_test import TrackingServer, fresh_database, team_user
+from bench.load_test import TrackingServer, team_user
 from tests.workspace import prepare_workspace
 
 EPOCHS = 150
@@ -28,10 +27,7 @@ KILL_AT = 5
 
 @pytest.fixture(scope="module")
 def server(postgres_uri, tmp_path_factory):
-    tag = secrets.token_hex(3)
-    folder = tmp_path_factory.mktemp("faults-server")
-    srv = TrackingServer(fresh_database(postgres_uri, f"dae_faults_{tag}"), folder / "artifacts",
-                         folder / "mlflow-server.log", auth_db=fresh_database(postgres_uri, f"dae_faults_auth_{tag}"))
+    srv = TrackingServer.authenticated(postgres_uri, tmp_path_factory.mktemp("faults-server"), "dae_faults")
     srv.start()
     srv.password = team_user(srv, "alice", edit=True)
     yield srv
