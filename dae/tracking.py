@@ -209,11 +209,12 @@ class StageRun:
     @contextmanager
     def _store(self) -> Iterator[None]:
         """Turn a store that failed (after MLflow's retries) into one TrackingError line."""
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+
         try:
             yield
-        except TrackingError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - MlflowException, requests' errors, ...
+        except (MlflowException, RequestException, OSError) as exc:  # a bug of ours keeps its traceback
             raise _lost(exc, self._mlflow.get_tracking_uri(), self._experiment) from None
 
     def set_tags(self, tags: dict[str, str]) -> None:
