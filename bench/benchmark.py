@@ -3,6 +3,7 @@
     python bench/benchmark.py                        # everything; writes reports/benchmark.json
     python bench/benchmark.py --previous 33fa03a     # also times that commit's recipe, for the speed-up
     python bench/benchmark.py --skip-repro           # the epoch and matmul figures only (needs data/noisy)
+    python bench/benchmark.py --previous 33fa03a --skip-full   # the one-seed speed-up only
 
 1. The device: its dense float32 and bfloat16 matrix-multiply rates (what its compute allows).
 2. One fine-tuning epoch of the 8+8 model at params.yaml's batch size and precision: images/s of
@@ -198,6 +199,8 @@ def main() -> None:
     parser.add_argument("--skip-repro", action="store_true", help="only the epoch and matmul figures")
     parser.add_argument("--previous", metavar="REV", help="also time this commit's recipe on one seed")
     parser.add_argument("--no-one-seed", action="store_true", help="skip the one-seed repro of HEAD")
+    parser.add_argument("--skip-full", action="store_true",
+                        help="skip the three-seed repro of this workspace; keep the last full run's figures")
     parser.add_argument("--previous-seconds", type=float, metavar="S",
                         help="instead of --previous: the previous recipe's one-seed time, measured earlier "
                              "on this machine (say when and how with --previous-note)")
@@ -233,8 +236,15 @@ def main() -> None:
 
     env_note = os.environ.get("DAE_DATA_MIRROR", "the public mirrors")
     print(f"data from {env_note}")
+    if args.skip_full and out.exists():
+        # Keep the last full run's figures, the matmul rates beside its time included; this run's
+        # rates go beside the one-seed times.
+        result = json.loads(out.read_text()) | {
+            "one_seed_matmul_gflop_per_s": result["matmul_gflop_per_s"],
+            "one_seed_matmul_bf16_gflop_per_s": result["matmul_bf16_gflop_per_s"]}
     if args.previous:
         prev = one_seed_repro(args.previous, f"previous recipe ({args.previous}), one seed")
+        result.pop("previous_note", None)  # it described an earlier measurement
         result |= {"previous_commit": prev["commit"], "previous_one_seed_seconds": prev["seconds"],
                    "previous_one_seed_stage_seconds": prev["stage_seconds"]}
     if not args.no_one_seed:
@@ -246,6 +256,12 @@ def main() -> None:
         result["speedup_vs_previous"] = round(result["previous_one_seed_seconds"] / current["seconds"], 2)
         print(f"one seed: previous {result['previous_one_seed_seconds']:.0f} s, this recipe "
               f"{current['seconds']:.0f} s: {result['speedup_vs_previous']:.2f}x faster")
+
+    if args.skip_full:
+        result["one_seed_matmul_gflop_per_s_after"] = round(matmul_gflops(device), 1)
+        write_json(out, result)
+        print(f"wrote {out}")
+        return
 
     full = timed_repro(ROOT, f"{len(params['seeds'])} seeds")
     # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
