@@ -15,7 +15,7 @@
    --previous REV of that commit as well, one right after the other on the same machine;
    `speedup_vs_previous` is their ratio. Both run with tracking on, as a user runs them.
 4. Three seeds: `dvc repro --force` of this workspace (its outputs are the committed results),
-   wall time, seconds per stage and peak RSS (largest stage process).
+   wall time, seconds per stage and peak RSS (the largest process, and all processes together).
 
 Timings on a shared machine vary by up to a third from run to run: the ratios, each measured
 within one run of this script, are the figures to compare; the matmul rates say how fast the
@@ -124,28 +124,61 @@ def matmul_gflops(device, dtype_name: str = "float32", size: int = 2048, repeats
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory of process `root_pid` and all its descendants together, in MB (Linux /proc)."""
+    parents, rss = {}, {}
+    page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                parents[int(entry.name)] = int(fields[1])
+                rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page_kb
+            except (OSError, ValueError, IndexError):  # the process just ended
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(rss.get(pid, 0.0) for pid in tree) / 1024
+
+
 def timed_repro(cwd: Path, label: str) -> dict:
-    """`dvc repro --force` in `cwd`, its output passed through; wall seconds and seconds per stage
-    (from one "Running stage" line to the next)."""
+    """`dvc repro --force` in `cwd`, its output passed through; wall seconds, seconds per stage
+    (from one "Running stage" line to the next) and the peak resident memory of all its processes
+    together (a stage's seed workers run at once), sampled every half second."""
+    import threading
+
     print(f"--- {label}: dvc repro --force in {cwd}", flush=True)
     starts: list[tuple[str, float]] = []
     start = time.perf_counter()
     # The stages' `python` is this interpreter's, as in an activated venv.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    peak = {"mb": 0.0}
     with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force"], cwd=cwd, text=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        def sample() -> None:
+            while proc.poll() is None:
+                peak["mb"] = max(peak["mb"], tree_rss_mb(proc.pid))
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         for line in proc.stdout:
             sys.stdout.write(line)
             found = re.match(r"Running stage '([^']+)'", line)
             if found:
                 starts.append((found.group(1), time.perf_counter()))
+    sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: dvc repro failed (exit {proc.returncode})")
     end = time.perf_counter()
     ends = [t for _, t in starts[1:]] + [end]
     stages = {name: round(stop - begin, 1) for (name, begin), stop in zip(starts, ends)}
-    print(f"--- {label}: {end - start:.0f} s", flush=True)
-    return {"seconds": round(end - start, 1), "stage_seconds": stages}
+    print(f"--- {label}: {end - start:.0f} s, peak memory of all its processes {peak['mb']:.0f} MB", flush=True)
+    return {"seconds": round(end - start, 1), "stage_seconds": stages, "peak_rss_total_mb": round(peak["mb"], 1)}
 
 
 def one_seed_repro(rev: str, label: str) -> dict:
@@ -198,7 +231,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-repro", action="store_true", help="only the epoch and matmul figures")
     parser.add_argument("--previous", metavar="REV", help="also time this commit's recipe on one seed")
-    parser.add_argument("--no-one-seed", action="store_true", help="skip the one-seed repro of HEAD")
+    parser.add_argument("--no-one-seed", action="store_true",
+                        help="skip the one-seed repro of HEAD; keep the last measured one-seed figures")
+    parser.add_argument("--one-seed-note", default="",
+                        help="with --no-one-seed: why the kept one-seed figures still hold")
     parser.add_argument("--skip-full", action="store_true",
                         help="skip the three-seed repro of this workspace; keep the last full run's figures")
     parser.add_argument("--previous-seconds", type=float, metavar="S",
@@ -250,6 +286,12 @@ def main() -> None:
     if not args.no_one_seed:
         current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
         result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"]}
+    if args.no_one_seed and not args.previous and out.exists():
+        # Keep the last measured one-seed figures (and the speed-up computed from them), marked as such.
+        last = json.loads(out.read_text())
+        result |= {k: v for k, v in last.items()
+                   if k.startswith(("one_seed", "previous")) or k == "speedup_vs_previous"}
+        result["one_seed_note"] = args.one_seed_note or "carried over from the last run that measured them"
     if args.previous_seconds:
         result |= {"previous_one_seed_seconds": args.previous_seconds, "previous_note": args.previous_note}
     if "previous_one_seed_seconds" in result and not args.no_one_seed:
@@ -267,10 +309,12 @@ def main() -> None:
     # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
     result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+               "peak_rss_total_mb": full["peak_rss_total_mb"],
                "seeds": len(params["seeds"]),
                "matmul_gflop_per_s_after": round(matmul_gflops(device), 1)}
     print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB; float32 matmul now "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB (largest process), {result['peak_rss_total_mb']:.0f} MB "
+          "(all processes together); float32 matmul now "
           f"{result['matmul_gflop_per_s_after']:.0f} GFLOP/s (at the start {rates['float32']:.0f})")
     result |= epoch_figures(params, device, args.repeats, rates)  # data/noisy exists now
     write_json(out, result)  # atomically: temp file, then rename

@@ -305,6 +305,65 @@ class StageRun:
         with _ending(self):
             yield self
 
+    @contextmanager
+    def seed_runs(self, name: str) -> Iterator["SeedRuns"]:
+        """Nested runs for seeds that train at the same time (dae.parallel), each opened with
+        `start(seed)`, logged to with `log(seed, ...)` and closed with `finish(seed)`; when the
+        block raises, the runs still open are marked FAILED (KILLED if interrupted)."""
+        runs = SeedRuns(self, name)
+        try:
+            yield runs
+        except BaseException:
+            runs.close_all("KILLED" if sys.exc_info()[0] in (KeyboardInterrupt, SystemExit) else "FAILED")
+            raise
+
+
+class SeedRuns:
+    """The per-seed runs of one stage run, addressed by seed (see StageRun.seed_runs); no-ops
+    when tracking is disabled."""
+
+    def __init__(self, stage_run: StageRun, name: str) -> None:
+        self._stage_run, self._name = stage_run, name
+        self._open: dict[int, str] = {}  # seed -> run id
+
+    def start(self, seed: int) -> None:
+        mlflow = self._stage_run._mlflow
+        if not mlflow:
+            return
+        from mlflow.tracking.context.registry import resolve_tags
+
+        parent = mlflow.active_run()
+        tags = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
+        tags |= {"seed": str(seed), "mlflow.parentRunId": parent.info.run_id}
+        with self._stage_run._store():
+            run = mlflow.MlflowClient().create_run(
+                self._stage_run._experiment_id, tags=resolve_tags(tags), run_name=f"{self._name} seed {seed}")
+        self._open[seed] = run.info.run_id
+
+    def log(self, seed: int, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow = self._stage_run._mlflow
+        if mlflow and seed in self._open:
+            with self._stage_run._store():
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step,
+                                   run_id=self._open[seed])
+
+    def finish(self, seed: int, status: str = "FINISHED") -> None:
+        mlflow = self._stage_run._mlflow
+        if mlflow and seed in self._open:
+            with self._stage_run._store():
+                mlflow.MlflowClient().set_terminated(self._open.pop(seed), status)
+
+    def close_all(self, status: str) -> None:
+        """Best effort: a store that is gone must not replace the stage's own error."""
+        with _http_policy(STARTUP_RETRIES, STARTUP_TIMEOUT_S):
+            for seed in list(self._open):
+                try:
+                    self.finish(seed, status)
+                except Exception:  # noqa: BLE001
+                    log.warning("MLflow: could not mark the run of seed %s %s (the store is unreachable)",
+                                seed, status)
+                    self._open.pop(seed, None)
+
 
 def _refused(exc: Exception, experiment: str) -> str | None:
     """A one-line explanation when an authenticating server (`mlflow server --app-name basic-auth`)

@@ -100,7 +100,8 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Ten
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
         config: FitConfig, *, seed: int, desc: str,
         on_epoch: Callable[[dict], None] | None = None,
-        checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None) -> FitResult:
+        checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None,
+        progress: bool = True) -> FitResult:
     """Train `model` in place with Adam; keep the parameters of the best validation epoch.
 
     `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
@@ -109,6 +110,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     `checkpoint` is given, the full training state is saved there after every epoch and, if
     the file exists when `fit` starts and carries the same `fingerprint` (what was being
     trained: params, initial weights, data), training resumes from it (bit-identical on CPU).
+    `progress`: draw a progress bar on a terminal (False in worker processes, dae.parallel).
     """
     n = train[0].shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -146,7 +148,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         order = torch.randperm(n, generator=generator).to(device)
         running = torch.zeros((), device=device)
         bar = tqdm(range(0, n, config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}",
-                   leave=False, mininterval=1.0, disable=None)
+                   leave=False, mininterval=1.0, disable=None if progress else True)
         for start in bar:
             idx = order[start:start + config.batch_size]
             batch = [t[idx] for t in train]

@@ -18,6 +18,7 @@ FINETUNE_DIR = Path("data/models/finetune")
 CURVES_DIR = Path("reports/curves")
 CHECKPOINT_DIR = Path("data/checkpoints")  # per-epoch training state; not a DVC output
 RESUME_ENV = "DAE_RESUME"
+LOG_FORMAT = "%(asctime)s %(message)s"  # run_stage adds the stage's name; worker processes copy it
 
 
 def stage_name(name: str) -> str:
@@ -29,15 +30,18 @@ def stage_name(name: str) -> str:
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main; turn the errors a user can cause into one clear line and exit 1.
     Log lines and errors carry the foreach item too (`pretrain_layer@3`)."""
+    global LOG_FORMAT
     name = stage_name(name)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s",
-                        datefmt="%H:%M:%S")
+    LOG_FORMAT = f"%(asctime)s {name}: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
     from dae.data import DataError
     from dae.params import ParamError
     from dae.tracking import TrackingError
     from dae.train import TrainingDiverged
 
-    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError)
+    from dae.parallel import WorkerDied
+
+    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError, WorkerDied)
 
     def interrupted(signum, _frame):
         # Unwind normally so that half-written temporary files are removed (see dae.io).
@@ -157,6 +161,17 @@ def write_curve(path: Path, histories: list[list[dict]]) -> None:
     write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))
 
 
+def model_state(arch: dict, state: dict) -> dict:
+    """`state` as a fresh TiedAutoencoder of `arch` returns it: the same tensors, in a checkpoint
+    of the same bytes whether it was trained in this process or came from a worker (unpickled,
+    its small objects are no longer shared between seeds, which changes torch.save's bytes)."""
+    from dae.model import TiedAutoencoder
+
+    model = TiedAutoencoder.from_arch(arch)
+    model.load_state_dict(state)
+    return model.state_dict()
+
+
 def write_trained(run, model_path: Path, payload: dict, curve_path: Path, histories: list[list[dict]]) -> None:
     """The tail of every training stage: the models of all seeds, the loss curve, its MLflow copy,
     and the model file's MD5 as a tag (evaluate links each logged model to its training run)."""
@@ -191,3 +206,30 @@ def clear_checkpoints(stage: str) -> None:
     import shutil
 
     shutil.rmtree(CHECKPOINT_DIR / stage.replace("@", "_"), ignore_errors=True)
+
+
+def train_seeds(run, stage: str, train_seed: Callable, jobs: dict[int, dict], device) -> dict[int, dict]:
+    """Train every seed's model, each job with `train_seed(job, send)`: side by side in worker
+    processes on a CPU (dae.parallel; $DAE_SEED_WORKERS=1 trains them one by one in this
+    process), each seed logged to its own nested MLflow run as its epochs end. `train_seed`
+    sends ("start", None), ("epoch", row) per epoch and ("done", best metrics); it must be a
+    module-level function. Every job gets `progress`: whether it may draw a progress bar (not
+    from workers, whose bars would overwrite each other). Returns {seed: its result}."""
+    from dae.parallel import run_jobs, worker_count
+
+    try:
+        workers = worker_count(len(jobs), device.type)
+    except ValueError as exc:
+        raise params_mod.ParamError(str(exc)) from None
+    jobs = {seed: job | {"progress": workers <= 1} for seed, job in jobs.items()}
+    with run.seed_runs(stage) as seed_runs:
+        def on_message(seed: int, kind: str, payload) -> None:
+            if kind == "start":
+                seed_runs.start(seed)
+            elif kind == "epoch":
+                seed_runs.log(seed, payload, step=payload["epoch"])
+            elif kind == "done":
+                seed_runs.log(seed, payload)
+                seed_runs.finish(seed)
+
+        return run_jobs(train_seed, jobs, workers=workers, on_message=on_message, log_format=LOG_FORMAT)

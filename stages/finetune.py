@@ -8,27 +8,24 @@ Random init is Glorot-uniform weights (finetune.init_gain) and, with finetune.bi
 data_mean, biases set from the means of the noisy training images (TiedAutoencoder.center_biases).
 Training reconstructs the clean image from a noisy copy: with finetune.fresh_noise, a new
 corruption (same type and level as the noise stage) of every batch, else the noise stage's fixed
-copy. Validation always uses the fixed copy; the best validation epoch is kept.
+copy. Validation always uses the fixed copy; the best validation epoch is kept. On a CPU the
+seeds train side by side, one process each (stages.common.train_seeds; same results).
 """
 import argparse
 
 from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config,
-                           load_checkpoint, load_params, log, make_deterministic, run_stage, select_device,
-                           training_checkpoint, write_trained)
+                           load_checkpoint, load_params, load_split, log, make_deterministic, model_state,
+                           run_stage, select_device, train_seeds, training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 BIAS_INIT_SAMPLE = 10_000  # noisy training images whose means set the biases (bias_init: data_mean)
 
 
 def main() -> None:
-    import torch
-
     from dae.model import TiedAutoencoder
-    from dae.noise import corrupt
     from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
     from dae.tracking import stage_run
-    from dae.train import evaluate_loss, fit, reconstruction_loss
-    from stages.common import load_split
+    from dae.train import evaluate_loss, reconstruction_loss
 
     parser = argparse.ArgumentParser(prog="python -m stages.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,13 +34,57 @@ def main() -> None:
     params = load_params(SECTIONS)
     device = select_device(params["device"])
     make_deterministic(device)
-    cfg = params["finetune"]
-    config = fit_config(params, "finetune", name) if name != "greedy" else None  # greedy trains nothing
+    if name != "greedy":
+        fit_config(params, "finetune", name)  # a bad section fails here, before any process starts
     arch = model_arch(params, name)
     pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
                   if name in ("greedy", "greedy_ft") else None)
+
+    stage = f"finetune@{name}"
+    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name},
+                   inputs=data_inputs(["train", "val"])) as run:
+        if name == "greedy":  # the pretrained stack as it is: record its losses only
+            train, val = load_split("train", device), load_split("val", device)
+            states, histories = {}, []
+            for seed in params["seeds"]:
+                model = TiedAutoencoder.from_arch(arch)
+                model.load_state_dict(pretrained["seeds"][seed])
+                model.to(device)
+                with run.seed(seed, stage):
+                    history = [{"epoch": 0, **{f"{split}_loss": evaluate_loss(
+                        model, reconstruction_loss, (data["noisy"], data["clean"]))
+                        for split, data in (("train", train), ("val", val))}}]
+                    run.log_metrics({"best_val_loss": history[0]["val_loss"]})
+                states[seed] = model.cpu().state_dict()
+                histories.append(history)
+        else:
+            jobs = {seed: {"params": params, "name": name, "seed": seed, "device": str(device),
+                           "pretrained": pretrained["seeds"][seed] if pretrained else None}
+                    for seed in params["seeds"]}
+            results = train_seeds(run, stage, train_seed, jobs, device)
+            states = {seed: model_state(arch, results[seed]["state"]) for seed in params["seeds"]}
+            histories = [results[seed]["history"] for seed in params["seeds"]]
+        write_trained(run, FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states},
+                      CURVES_DIR / f"finetune_{name}.csv", histories)
+    clear_checkpoints(stage)
+
+
+def train_seed(job: dict, send) -> dict:
+    """Fine-tune one seed's model (in a worker process when seeds train side by side; see
+    stages.common.train_seeds): {"state": its best state_dict, "history": its epochs}."""
+    import torch
+
+    from dae.model import TiedAutoencoder
+    from dae.noise import corrupt
+    from dae.params import model_arch
+    from dae.train import fit, reconstruction_loss
+
+    params, name, seed = job["params"], job["name"], job["seed"]
+    device = torch.device(job["device"])
+    make_deterministic(device)
+    cfg, noise = params["finetune"], params["noise"]
     train, val = load_split("train", device), load_split("val", device)
-    noise = params["noise"]
+    bias_sample = train["noisy"][:BIAS_INIT_SAMPLE].clone()
     if cfg["fresh_noise"]:
         # A fixed noisy copy lets the deep models memorise its noise (train loss well below
         # validation loss); fresh corruption every epoch, as in Vincent et al. 2008, does not.
@@ -53,43 +94,27 @@ def main() -> None:
             return corrupt(batch[0], noise["type"], noise["level"], generator, noise["clip"]), batch[0]
     else:
         train_inputs, augment = (train["noisy"], train["clean"]), None
+    del train  # what training does not read is freed (each worker holds its own copy of the data)
 
+    torch.manual_seed(seed)
+    model = TiedAutoencoder.from_arch(model_arch(params, name))
+    if job["pretrained"] is not None:
+        model.load_state_dict(job["pretrained"])
+    else:
+        model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
+    model.to(device)
+    if job["pretrained"] is None and cfg["bias_init"] == "data_mean":
+        model.center_biases(bias_sample)
     stage = f"finetune@{name}"
-    states, histories = {}, []
-    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name},
-                   inputs=data_inputs(["train", "val"])) as run:
-        for seed in params["seeds"]:
-            torch.manual_seed(seed)
-            model = TiedAutoencoder.from_arch(arch)
-            if pretrained is not None:
-                model.load_state_dict(pretrained["seeds"][seed])
-            else:
-                model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
-            model.to(device)
-            if pretrained is None and cfg["bias_init"] == "data_mean":
-                model.center_biases(train["noisy"][:BIAS_INIT_SAMPLE])
-            with run.seed(seed, stage):
-                if name == "greedy":  # the pretrained stack as it is: record its losses only
-                    history = [{"epoch": 0, **{f"{split}_loss": evaluate_loss(
-                        model, reconstruction_loss, (data["noisy"], data["clean"]))
-                        for split, data in (("train", train), ("val", val))}}]
-                    run.log_metrics({"best_val_loss": history[0]["val_loss"]})
-                else:
-                    checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
-                    result = fit(model, reconstruction_loss, train_inputs,
-                                 (val["noisy"], val["clean"]), config, seed=seed,
-                                 desc=f"{stage} seed {seed}", augment=augment,
-                                 checkpoint=checkpoint, fingerprint=fingerprint,
-                                 on_epoch=lambda row: run.log_metrics(row, step=row["epoch"]))
-                    history = result.history
-                    run.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
-                    log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss,
-                             result.best_epoch)
-            states[seed] = model.cpu().state_dict()
-            histories.append(history)
-        write_trained(run, FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states},
-                      CURVES_DIR / f"finetune_{name}.csv", histories)
-    clear_checkpoints(stage)
+    checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
+    send("start", None)
+    result = fit(model, reconstruction_loss, train_inputs, (val["noisy"], val["clean"]),
+                 fit_config(params, "finetune", name), seed=seed, desc=f"{stage} seed {seed}",
+                 augment=augment, checkpoint=checkpoint, fingerprint=fingerprint,
+                 on_epoch=lambda row: send("epoch", row), progress=job["progress"])
+    send("done", {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
+    log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss, result.best_epoch)
+    return {"state": model.cpu().state_dict(), "history": result.history}
 
 
 if __name__ == "__main__":

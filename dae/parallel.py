@@ -1,0 +1,161 @@
+"""Run independent jobs (the seeds of a training stage) side by side, one process each.
+
+Why: at this project's matrix sizes one training process gains little from a second core (on
+the 2-core CPU of reports/method.md, 2 threads do ~1.2x the images/s of 1), while two or three
+one-thread processes together do ~2x. The seeds of a stage are independent, so they can train
+at once. On a CPU with deterministic kernels a job's result does not depend on the number of
+threads it had, so a seed trained in a worker is bit-identical to the same seed trained alone
+(tests/test_parallel.py checks it on the fine-tuning step).
+
+`run_jobs(fn, jobs, workers=...)` calls `fn(job, send)` for every job, in `workers` spawned
+processes, or in this process one after the other when `workers` <= 1. `send(kind, payload)`
+passes a message (e.g. one epoch's losses) to the caller's `on_message` as it happens; the
+results come back in the order of `jobs`. The first job that fails stops the others and its
+exception is raised here.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import traceback
+from typing import Any, Callable, Hashable, Mapping
+
+log = logging.getLogger(__name__)
+
+WORKERS_ENV = "DAE_SEED_WORKERS"  # how many seeds train at once: "auto" (default), or a number; 1 = one by one
+
+Send = Callable[[str, Any], None]
+OnMessage = Callable[[Hashable, str, Any], None]
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result (killed, e.g. for lack of memory)."""
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(jobs: int, device_type: str, setting: str | None = None) -> int:
+    """How many jobs to run at once. On a CPU: all of them, up to twice the cores (three
+    one-thread workers on two cores do as many images/s together as two, and all finish
+    together instead of in two rounds). On a GPU: one, in this process (the jobs would
+    contend for one device). `setting` (default: $DAE_SEED_WORKERS) overrides: a number."""
+    setting = (setting if setting is not None else os.environ.get(WORKERS_ENV, "auto")).strip().lower()
+    if setting != "auto":
+        try:
+            requested = int(setting)
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV} must be 'auto' or a whole number, got {setting!r}") from None
+        if requested < 1:
+            raise ValueError(f"{WORKERS_ENV} must be at least 1, got {requested}")
+        return min(requested, jobs)
+    if device_type != "cpu":
+        return 1
+    return max(1, min(jobs, 2 * cpu_count()))
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, cpu_count() // workers)
+
+
+def run_jobs(fn: Callable[[Any, Send], Any], jobs: Mapping[Hashable, Any], *, workers: int,
+             on_message: OnMessage | None = None, log_format: str | None = None) -> dict[Hashable, Any]:
+    """{key: fn(job, send)} for every (key, job) of `jobs`; see the module's docstring.
+
+    `fn` must be a module-level function and the jobs and results picklable (they travel to
+    and from spawned processes). `log_format`: the logging format of the workers' log lines."""
+    on_message = on_message or (lambda key, kind, payload: None)
+    if workers <= 1 or len(jobs) <= 1:
+        results = {}
+        for key, job in jobs.items():
+            results[key] = fn(job, lambda kind, payload, key=key: on_message(key, kind, payload))
+        return results
+    return _run_in_processes(fn, jobs, workers, on_message, log_format)
+
+
+def _worker(fn: Callable, key: Hashable, job: bytes, messages: Any, threads: int, log_format: str | None) -> None:
+    """A worker process: one job, its messages and its result (or error) through `messages`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if log_format:
+        logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%H:%M:%S")
+    parent = os.getppid()
+
+    def send(kind: str, payload: Any) -> None:
+        if os.getppid() != parent:  # the stage process was killed (SIGKILL): stop, do not train on
+            raise SystemExit(f"job {key!r}: the stage process is gone")
+        messages.put((key, kind, payload))
+
+    try:
+        result = fn(pickle.loads(job), send)
+        messages.put((key, "result", pickle.dumps(result)))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent, which raises it
+        try:
+            pickle.dumps(exc)
+            error = exc
+        except Exception:  # noqa: BLE001 - an exception that cannot travel goes as its traceback
+            error = RuntimeError(f"job {key!r} failed:\n{traceback.format_exc()}")
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: say so plainly
+            error = RuntimeError(f"job {key!r} was interrupted ({type(exc).__name__})")
+        messages.put((key, "error", error))
+
+
+def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads
+    messages = context.Queue()
+    threads = threads_per_worker(workers)
+    pending = list(jobs.items())
+    running: dict[Hashable, Any] = {}
+    results: dict[Hashable, Any] = {}
+    log.info("training %d jobs in %d worker processes of %d thread(s) each (%s=1: one by one)",
+             len(jobs), min(workers, len(jobs)), threads, WORKERS_ENV)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                key, job = pending.pop(0)
+                # Jobs and results travel as plain pickles: through multiprocessing's own pickler,
+                # torch would pass tensors as shared memory that vanishes with the worker.
+                process = context.Process(target=_worker,
+                                          args=(fn, key, pickle.dumps(job), messages, threads, log_format),
+                                          name=f"dae-worker-{key}", daemon=True)
+                process.start()
+                running[key] = process
+            try:
+                key, kind, payload = messages.get(timeout=1.0)
+            except queue.Empty:
+                for key, process in running.items():
+                    if not process.is_alive():  # give a result already on its way a moment to arrive
+                        try:
+                            key2, kind, payload = messages.get(timeout=5.0)
+                        except queue.Empty:
+                            raise WorkerDied(f"the worker of job {key!r} ended with exit code "
+                                             f"{process.exitcode} and no result (out of memory?)") from None
+                        _handle(key2, kind, payload, running, results, on_message)
+                        break
+                continue
+            _handle(key, kind, payload, running, results, on_message)
+    finally:
+        for process in running.values():  # a failure (or Ctrl-C) stops the rest
+            process.terminate()
+        for process in running.values():
+            process.join(timeout=10)
+    return {key: results[key] for key in jobs}
+
+
+def _handle(key, kind, payload, running, results, on_message) -> None:
+    if kind == "error":
+        raise payload
+    if kind == "result":
+        results[key] = pickle.loads(payload)
+        running.pop(key).join()
+    else:
+        on_message(key, kind, payload)

@@ -1,0 +1,135 @@
+"""dae.parallel: seeds trained side by side in worker processes give what training them one by
+one gives, messages arrive as they are sent, and a failing job stops the stage with its error."""
+import csv
+import os
+import time
+
+import pytest
+
+from dae.parallel import WORKERS_ENV, run_jobs, worker_count
+from workspace import prepare_workspace
+
+
+def _square(job, send):
+    send("start", job)
+    send("epoch", {"epoch": 1, "value": job * job})
+    return {"pid": os.getpid(), "value": job * job}
+
+
+def _fails_on_two(job, send):
+    if job == 2:
+        raise ValueError(f"job {job} cannot be trained")
+    time.sleep(30 if job == 1 else 0)  # would hold the test up if a failure did not stop it
+    return job
+
+
+def test_processes_return_what_one_by_one_returns_in_job_order():
+    jobs = {seed: seed + 1 for seed in (2, 0, 1)}
+    for workers in (1, 3):
+        messages = []
+        results = run_jobs(_square, jobs, workers=workers,
+                           on_message=lambda key, kind, payload: messages.append((key, kind, payload)))
+        assert list(results) == [2, 0, 1]
+        assert [r["value"] for r in results.values()] == [9, 1, 4]
+        pids = {r["pid"] for r in results.values()}
+        assert (pids == {os.getpid()}) if workers == 1 else (os.getpid() not in pids and len(pids) == 3)
+        for key, job in jobs.items():  # each job's messages, in the order it sent them
+            sent = [m[1:] for m in messages if m[0] == key]
+            assert sent == [("start", job), ("epoch", {"epoch": 1, "value": job * job})]
+
+
+def test_a_failing_job_raises_its_error_and_stops_the_others():
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="job 2 cannot be trained"):
+        run_jobs(_fails_on_two, {1: 1, 2: 2}, workers=2)
+    assert time.monotonic() - start < 20  # job 1 (30 s) was stopped, not waited for
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert worker_count(1, "cpu") == 1
+    assert worker_count(3, "cuda") == 1  # one GPU: the seeds take turns in one process
+    assert 1 <= worker_count(3, "cpu") <= 3
+    assert worker_count(3, "cpu", "1") == 1 and worker_count(3, "cpu", "8") == 3
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    assert worker_count(3, "cuda") == 2
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match=WORKERS_ENV):
+            worker_count(3, "cpu", bad)
+
+
+def _curve(path):
+    with open(path) as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def test_stages_train_the_same_models_in_workers_as_one_by_one(tmp_path, mnist_mirror):
+    """The tiny profile with two seeds: pretrain_layer@1 and finetune@random_ft, once with the
+    seeds one by one in the stage's process and once in two one-thread workers. The model files
+    are byte-identical; the losses they log agree to float precision (the validation loss is a
+    sum over a batch, whose order of addition may depend on the thread count)."""
+    ws = prepare_workspace(tmp_path / "ws", mnist_mirror)
+    ws.set_param("seeds", [0, 1])
+    outputs = {}
+    for workers in ("1", "2"):
+        for stage in (("stages.pretrain_layer", "1"), ("stages.finetune", "random_ft")):
+            result = ws.stage(*stage, env={WORKERS_ENV: workers})
+            assert result.returncode == 0, result.stderr
+            assert ("worker processes" in result.stderr) == (workers == "2")
+        outputs[workers] = {
+            "models": ws.snapshot("data/models"),
+            "curves": {name: _curve(ws.path / "reports/curves" / name)
+                       for name in ("pretrain_layer_1.csv", "finetune_random_ft.csv")}}
+    assert set(outputs["1"]["models"]) == {"pretrain/layer_1.pt", "finetune/random_ft.pt"}
+    assert outputs["1"]["models"] == outputs["2"]["models"]
+    for name, curve in outputs["1"]["curves"].items():
+        other = outputs["2"]["curves"][name]
+        assert len(curve) == len(other) > 0
+        for row, row2 in zip(curve, other):
+            assert row == pytest.approx(row2, rel=1e-5)
+
+
+def test_a_bad_worker_setting_is_a_clear_error(tmp_path, mnist_mirror):
+    ws = prepare_workspace(tmp_path / "ws", mnist_mirror)
+    result = ws.stage("stages.finetune", "shallow", env={WORKERS_ENV: "many"})
+    assert result.returncode == 1
+    assert f"{WORKERS_ENV} must be 'auto' or a whole number, got 'many'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def test_workers_stop_when_the_stage_process_is_killed(tmp_path, mnist_mirror):
+    """SIGKILL of a stage (no chance to stop its workers) must not leave them training on."""
+    import subprocess
+    import sys
+
+    ws = prepare_workspace(tmp_path / "ws", mnist_mirror)
+    ws.set_param("seeds", [0, 1])
+    ws.set_param("finetune.epochs", 200)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", "random_ft"], cwd=ws.path,
+                            env={**ws.env, WORKERS_ENV: "2"}, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "epoch 2/200" in line:
+            break
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.5)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+             and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
+    assert not alive, f"workers {alive} still run after their stage was killed"
