@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from dae import parallel
 from dae.parallel import WORKERS_ENV, run_jobs, worker_count
 from workspace import prepare_workspace
 
@@ -51,6 +52,12 @@ def test_worker_count(monkeypatch):
     assert worker_count(3, "cuda") == 1  # one GPU: the seeds take turns in one process
     assert 1 <= worker_count(3, "cpu") <= 3
     assert worker_count(3, "cpu", "1") == 1 and worker_count(3, "cpu", "8") == 3
+    # Not more workers than the available memory holds (here: room for two).
+    monkeypatch.setattr(parallel, "available_memory", lambda: int(2.5 * parallel.WORKER_MEMORY_BYTES))
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 16)
+    assert worker_count(3, "cpu") == 2
+    monkeypatch.setattr(parallel, "available_memory", lambda: parallel.WORKER_MEMORY_BYTES // 2)
+    assert worker_count(3, "cpu") == 1
     monkeypatch.setenv(WORKERS_ENV, "2")
     assert worker_count(3, "cuda") == 2
     for bad in ("0", "two"):
