@@ -1,11 +1,11 @@
 """Run independent jobs (the seeds of a training stage) side by side, one process each.
 
 Why: at this project's matrix sizes one training process gains little from a second core (on
-the 2-core CPU of reports/method.md, 2 threads do ~1.2x the images/s of 1), while two or three
+the 2-core CPU of reports/method.md, 2 threads do 1.2-1.5x the images/s of 1), while two or three
 one-thread processes together do ~2x. The seeds of a stage are independent, so they can train
-at once. On a CPU with deterministic kernels a job's result does not depend on the number of
-threads it had, so a seed trained in a worker is bit-identical to the same seed trained alone
-(tests/test_parallel.py checks it on the fine-tuning step).
+at once. On a CPU with deterministic kernels a model does not depend on the number of threads
+that trained it, so a seed trained in a worker is bit-identical to the same seed trained alone
+(tests/test_parallel.py checks it on pretrain_layer@1 and finetune@random_ft).
 
 `run_jobs(fn, jobs, workers=...)` calls `fn(job, send)` for every job, in `workers` spawned
 processes, or in this process one after the other when `workers` <= 1. `send(kind, payload)`
