@@ -7,7 +7,7 @@ at once. On a CPU with deterministic kernels a model does not depend on the numb
 that trained it, so a seed trained in a worker is bit-identical to the same seed trained alone
 (tests/test_parallel.py checks it on pretrain_layer@1 and finetune@random_ft).
 
-`run_jobs(fn, jobs, workers=...)` calls `fn(job, send)` for every job, in `workers` spawned
+`run_jobs(fn, jobs, workers=...)` calls `fn(job, send)` for every job, in `workers` worker
 processes, or in this process one after the other when `workers` <= 1. `send(kind, payload)`
 passes a message (e.g. one epoch's losses) to the caller's `on_message` as it happens; the
 results come back in the order of `jobs`. The first job that fails stops the others and its
@@ -95,7 +95,7 @@ def run_jobs(fn: Callable[[Any, Send], Any], jobs: Mapping[Hashable, Any], *, wo
     """{key: fn(job, send)} for every (key, job) of `jobs`; see the module's docstring.
 
     `fn` must be a module-level function and the jobs and results picklable (they travel to
-    and from spawned processes). `log_format`: the logging format of the workers' log lines."""
+    and from the worker processes). `log_format`: the logging format of the workers' log lines."""
     on_message = on_message or (lambda key, kind, payload: None)
     if workers <= 1 or len(jobs) <= 1:
         results = {}
@@ -105,17 +105,21 @@ def run_jobs(fn: Callable[[Any, Send], Any], jobs: Mapping[Hashable, Any], *, wo
     return _run_in_processes(fn, jobs, workers, on_message, log_format)
 
 
-def _worker(fn: Callable, key: Hashable, job: bytes, messages: Any, threads: int, log_format: str | None) -> None:
-    """A worker process: one job, its messages and its result (or error) through `messages`."""
+def _worker(fn: Callable, key: Hashable, job: bytes, messages: Any, threads: int, log_format: str | None,
+            caller_alive: Any) -> None:
+    """A worker process: one job, its messages and its result (or error) through `messages`.
+    `caller_alive`: the read end of a pipe that only the calling process holds open."""
     import torch
 
     torch.set_num_threads(threads)
     if log_format:
         logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%H:%M:%S")
-    parent = os.getppid()
 
     def send(kind: str, payload: Any) -> None:
-        if os.getppid() != parent:  # the stage process was killed (SIGKILL): stop, do not train on
+        # Nobody writes to the pipe, so it polls ready only at EOF: the caller is gone (e.g. the
+        # stage process was SIGKILLed and could not stop us). Stop; do not train on. (Our parent
+        # is the fork server, which lives on as long as its children do: no use watching it.)
+        if caller_alive.poll():
             raise SystemExit(f"job {key!r}: the stage process is gone")
         messages.put((key, kind, payload))
 
@@ -134,8 +138,13 @@ def _worker(fn: Callable, key: Hashable, job: bytes, messages: Any, threads: int
 
 
 def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
-    context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads
+    # Workers fork from a server process that has imported torch once, instead of each importing
+    # it anew (spawn): measured, a stage starts its seeds a few seconds sooner and its processes
+    # take ~0.4 GB less memory together (PSS). Plain fork would copy this process's torch threads.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch"])
     messages = context.Queue()
+    caller_alive, caller_alive_writer = context.Pipe(duplex=False)
     threads = threads_per_worker(workers)
     pending = list(jobs.items())
     running: dict[Hashable, Any] = {}
@@ -149,7 +158,8 @@ def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
                 # Jobs and results travel as plain pickles: through multiprocessing's own pickler,
                 # torch would pass tensors as shared memory that vanishes with the worker.
                 process = context.Process(target=_worker,
-                                          args=(fn, key, pickle.dumps(job), messages, threads, log_format),
+                                          args=(fn, key, pickle.dumps(job), messages, threads, log_format,
+                                                caller_alive),
                                           name=f"dae-worker-{key}", daemon=True)
                 process.start()
                 running[key] = process
@@ -172,6 +182,8 @@ def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
             process.terminate()
         for process in running.values():
             process.join(timeout=10)
+        caller_alive.close()
+        caller_alive_writer.close()
     return {key: results[key] for key in jobs}
 
 

@@ -24,6 +24,13 @@ def _fails_on_two(job, send):
     return job
 
 
+def _killed_on_two(job, send):
+    if job == 2:
+        os.kill(os.getpid(), 9)  # as the kernel's out-of-memory killer would
+    time.sleep(30 if job == 1 else 0)
+    return job
+
+
 def test_processes_return_what_one_by_one_returns_in_job_order():
     jobs = {seed: seed + 1 for seed in (2, 0, 1)}
     for workers in (1, 3):
@@ -44,6 +51,13 @@ def test_a_failing_job_raises_its_error_and_stops_the_others():
     with pytest.raises(ValueError, match="job 2 cannot be trained"):
         run_jobs(_fails_on_two, {1: 1, 2: 2}, workers=2)
     assert time.monotonic() - start < 20  # job 1 (30 s) was stopped, not waited for
+
+
+def test_a_killed_worker_is_a_clear_error_and_stops_the_others():
+    start = time.monotonic()
+    with pytest.raises(parallel.WorkerDied, match=r"the worker of job 2 ended with exit code -9 and no result"):
+        run_jobs(_killed_on_two, {1: 1, 2: 2}, workers=2)
+    assert time.monotonic() - start < 20
 
 
 def test_worker_count(monkeypatch):
@@ -104,16 +118,21 @@ def test_a_bad_worker_setting_is_a_clear_error(tmp_path, mnist_mirror):
     assert "Traceback" not in result.stderr
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (the workers are the fork server's children, not the stage's)."""
+    children: dict[int, set[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = open(f"/proc/{entry}/stat").read()
             except OSError:
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                found.add(int(entry))
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), set()).add(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
     return found
 
 
@@ -130,7 +149,7 @@ def test_workers_stop_when_the_stage_process_is_killed(tmp_path, mnist_mirror):
     for line in proc.stderr:
         if "epoch 2/200" in line:
             break
-    workers = _children(proc.pid)
+    workers = _descendants(proc.pid)
     assert len(workers) >= 2
     proc.kill()
     proc.wait()
@@ -139,4 +158,5 @@ def test_workers_stop_when_the_stage_process_is_killed(tmp_path, mnist_mirror):
         time.sleep(0.5)
     alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
              and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
-    assert not alive, f"workers {alive} still run after their stage was killed"
+    names = {pid: open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:200] for pid in alive}
+    assert not alive, f"workers {names} still run after their stage was killed"
