@@ -291,17 +291,20 @@ class StageRun:
         log.info("MLflow: registered %s version %s%s", name, version.version, f" @{alias}" if alias else "")
         return str(version.version)
 
+    def seed_tags(self, seed: int) -> dict[str, str]:
+        """A seed's run carries its stage run's own tags (not MLflow's system tags) and `seed`."""
+        tags = self._mlflow.active_run().data.tags
+        return {k: v for k, v in tags.items() if not k.startswith("mlflow.")} | {"seed": str(seed)}
+
     @contextmanager
     def seed(self, seed: int, name: str) -> Iterator["StageRun"]:
         """A nested run for one seed of this stage."""
         if not self._mlflow:
             yield self
             return
-        parent_tags = self._mlflow.active_run().data.tags
-        tags = {k: v for k, v in parent_tags.items() if not k.startswith("mlflow.")}
         with self._store():
             self._mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{name} seed {seed}",
-                                   nested=True, tags=tags | {"seed": str(seed)})
+                                   nested=True, tags=self.seed_tags(seed))
         with _ending(self):
             yield self
 
@@ -332,9 +335,7 @@ class SeedRuns:
             return
         from mlflow.tracking.context.registry import resolve_tags
 
-        parent = mlflow.active_run()
-        tags = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
-        tags |= {"seed": str(seed), "mlflow.parentRunId": parent.info.run_id}
+        tags = self._stage_run.seed_tags(seed) | {"mlflow.parentRunId": mlflow.active_run().info.run_id}
         with self._stage_run._store():
             run = mlflow.MlflowClient().create_run(
                 self._stage_run._experiment_id, tags=resolve_tags(tags), run_name=f"{self._name} seed {seed}")
