@@ -137,12 +137,28 @@ def _worker(fn: Callable, key: Hashable, job: bytes, messages: Any, threads: int
         messages.put((key, "error", error))
 
 
-def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
-    # Workers fork from a server process that has imported torch once, instead of each importing
-    # it anew (spawn): measured, a stage starts its seeds a few seconds sooner and its processes
-    # take ~0.4 GB less memory together (PSS). Plain fork would copy this process's torch threads.
+def _context():
+    # Workers fork from a server process that imported torch once, instead of each importing it
+    # anew (spawn): measured, a stage starts its seeds a few seconds sooner and its processes take
+    # ~0.4 GB less memory together (PSS). Plain fork would copy this process's torch threads.
+    # torch._inductor.config too: torch.use_deterministic_algorithms imports it, ~1 s a worker
+    # alone and 2-2.5 s with three workers importing it at once on two cores.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "torch"])
+    context.set_forkserver_preload(["__main__", "torch", "torch._inductor.config"])
+    return context
+
+
+def start_server() -> None:
+    """Start the workers' fork server now. It does its imports (~2.5 s) in the background, beside
+    the caller's own start-up, instead of while the first worker waits for them."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def _run_in_processes(fn, jobs, workers, on_message, log_format) -> dict:
+    context = _context()
     messages = context.Queue()
     caller_alive, caller_alive_writer = context.Pipe(duplex=False)
     threads = threads_per_worker(workers)

@@ -15,7 +15,8 @@ import argparse
 
 from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config,
                            load_checkpoint, load_params, load_split, log, make_deterministic, model_state,
-                           run_stage, select_device, train_seeds, training_checkpoint, write_trained)
+                           run_stage, seed_workers, select_device, train_seeds, training_checkpoint,
+                           write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 BIAS_INIT_SAMPLE = 10_000  # noisy training images whose means set the biases (bias_init: data_mean)
@@ -36,6 +37,7 @@ def main() -> None:
     make_deterministic(device)
     if name != "greedy":
         fit_config(params, "finetune", name)  # a bad section fails here, before any process starts
+        seed_workers(len(params["seeds"]), device, start=True)
     arch = model_arch(params, name)
     pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
                   if name in ("greedy", "greedy_ft") else None)

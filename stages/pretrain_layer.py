@@ -8,8 +8,8 @@ On a CPU the seeds train side by side, one process each (stages.common.train_see
 import argparse
 
 from stages.common import (CURVES_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config, load_checkpoint,
-                           load_params, load_split, log, make_deterministic, model_state, run_stage, select_device,
-                           train_seeds, training_checkpoint, write_trained)
+                           load_params, load_split, log, make_deterministic, model_state, run_stage, seed_workers,
+                           select_device, train_seeds, training_checkpoint, write_trained)
 
 SECTIONS = ["arch", "pretrain", "seeds", "device"]
 
@@ -28,6 +28,7 @@ def main() -> None:
     sizes, linear_code = deep_sizes(params), params["arch"]["linear_code"]
     device = select_device(params["device"])
     fit_config(params, "pretrain")  # a bad section fails here, before any process starts
+    seed_workers(len(params["seeds"]), device, start=True)
     prev_arch = _arch(params, k - 1)
     prev = load_checkpoint(PRETRAIN_DIR / f"layer_{k - 1}.pt", prev_arch, params["seeds"]) if k > 1 else None
 

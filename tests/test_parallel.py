@@ -31,6 +31,10 @@ def _killed_on_two(job, send):
     return job
 
 
+def _parent_pid(job, send):
+    return os.getppid()
+
+
 def test_processes_return_what_one_by_one_returns_in_job_order():
     jobs = {seed: seed + 1 for seed in (2, 0, 1)}
     for workers in (1, 3):
@@ -44,6 +48,16 @@ def test_processes_return_what_one_by_one_returns_in_job_order():
         for key, job in jobs.items():  # each job's messages, in the order it sent them
             sent = [m[1:] for m in messages if m[0] == key]
             assert sent == [("start", job), ("epoch", {"epoch": 1, "value": job * job})]
+
+
+def test_start_server_starts_the_fork_server_that_the_workers_then_come_from():
+    parallel.start_server()  # a stage calls it before its own start-up (MLflow), see stages.common
+    servers = {pid for pid in _descendants(os.getpid())
+               if b"forkserver" in open(f"/proc/{pid}/cmdline", "rb").read()}
+    assert len(servers) == 1
+    parallel.start_server()  # a second call starts no other server
+    results = run_jobs(_parent_pid, {1: 1, 2: 2}, workers=2)
+    assert set(results.values()) == servers
 
 
 def test_a_failing_job_raises_its_error_and_stops_the_others():
