@@ -61,7 +61,9 @@ class Denoiser(PythonModel):
         self.model.load_state_dict(saved["state_dict"])
         self.model.eval()
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    # model_input's hint tells MLflow that the signature comes from log_model's (a tensor spec),
+    # not from the hint; unannotated, every log and load warns that hints are missing.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         output = (params or {}).get("output", "reconstruction")
         if output not in OUTPUTS:
             raise _refuse(f"params.output must be one of {list(OUTPUTS)}, got {output!r}")

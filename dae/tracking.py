@@ -407,6 +407,9 @@ def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yam
         return
     import mlflow
 
+    # MLflow's artifact progress bars (one per file as log_model checks its input example) are
+    # noise in a stage's log; a user's own setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = repo_root()
     uri = tracking_uri(root)
     # With the local default store, keep artifacts beside mlflow.db, not in the cwd (a queued
