@@ -52,8 +52,7 @@ def test_processes_return_what_one_by_one_returns_in_job_order():
 
 def test_start_server_starts_the_fork_server_that_the_workers_then_come_from():
     parallel.start_server()  # a stage calls it before its own start-up (MLflow), see stages.common
-    servers = {pid for pid in _descendants(os.getpid())
-               if b"forkserver" in open(f"/proc/{pid}/cmdline", "rb").read()}
+    servers = {pid for pid in _descendants(os.getpid()) if b"forkserver" in _cmdline(pid)}
     assert len(servers) == 1
     parallel.start_server()  # a second call starts no other server
     results = run_jobs(_parent_pid, {1: 1, 2: 2}, workers=2)
@@ -130,6 +129,13 @@ def test_a_bad_worker_setting_is_a_clear_error(tmp_path, mnist_mirror):
     assert result.returncode == 1
     assert f"{WORKERS_ENV} must be 'auto' or a whole number, got 'many'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:  # it ended meanwhile
+        return b""
 
 
 def _descendants(pid: int) -> set[int]:
