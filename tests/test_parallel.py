@@ -76,13 +76,17 @@ def test_a_killed_worker_is_a_clear_error_and_stops_the_others():
 def test_worker_count(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     assert worker_count(1, "cpu") == 1
-    assert worker_count(3, "cuda") == 1  # one GPU: the seeds take turns in one process
     assert 1 <= worker_count(3, "cpu") <= 3
     assert worker_count(3, "cpu", "1") == 1 and worker_count(3, "cpu", "8") == 3
     # Not more workers than the available memory holds (here: room for two).
     monkeypatch.setattr(parallel, "available_memory", lambda: int(2.5 * parallel.WORKER_MEMORY_BYTES))
     monkeypatch.setattr(parallel, "cpu_count", lambda: 16)
     assert worker_count(3, "cpu") == 2
+    assert worker_count(3, "cuda") == 2  # a GPU's workers hold host memory too
+    monkeypatch.setattr(parallel, "available_memory", lambda: None)
+    assert worker_count(3, "cuda") == 3  # one GPU: every seed in its own process at once
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
+    assert worker_count(3, "cpu") == 3 and worker_count(3, "cuda") == 2  # GPU: one per core
     monkeypatch.setattr(parallel, "available_memory", lambda: parallel.WORKER_MEMORY_BYTES // 2)
     assert worker_count(3, "cpu") == 1
     monkeypatch.setenv(WORKERS_ENV, "2")
