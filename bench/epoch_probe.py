@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +41,8 @@ def main() -> None:
     from dae.params import load, model_arch
     from dae.train import fit, reconstruction_loss
     from stages.common import fit_config
+
+    from bench.benchmark import seconds_of  # the wall time, waiting for a GPU's queue
 
     params = load(str(ROOT / "params.yaml"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,14 +69,8 @@ def main() -> None:
         torch.utils.deterministic.fill_uninitialized_memory = mode == "deterministic_fill"
         torch.manual_seed(0)
         model = TiedAutoencoder.from_arch(model_arch(params, "random_ft")).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fit(model, reconstruction_loss, train, val, config, seed=0, desc=mode, augment=augment,
-            progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return seconds_of(lambda: fit(model, reconstruction_loss, train, val, config, seed=0, desc=mode,
+                                      augment=augment, progress=False), device)
 
     modes = [args.mode] if args.mode else list(MODES)
     epoch(modes[0])  # warm-up: kernels, allocator
