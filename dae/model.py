@@ -4,10 +4,16 @@ Encoder layer k: h_k = f(h_{k-1} W_kᵀ + b_k). Decoder layer k: ĥ_{k-1} = f(ĥ
 same W_k transposed (one parameter, two uses) with its own bias c_k. f is the hidden activation
 (sigmoid or tanh); the output layer is always a sigmoid (pixels in [0, 1]); the code layer may
 be linear (as in Hinton & Salakhutdinov 2006).
+
+While training inside `centered`, each layer subtracts a fixed offset, the mean of its input,
+before its matrix product (the centring trick); the biases absorb it, so the model computes the
+same function and is saved in the plain form above.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -40,6 +46,8 @@ class TiedAutoencoder(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(n_out, n_in)) for n_in, n_out in pairs)
         self.enc_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_out)) for _, n_out in pairs)
         self.dec_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_in)) for n_in, _ in pairs)
+        # Inside `centered`: the mean input of every layer (the image, then each encoder output).
+        self._offsets: list[torch.Tensor] | None = None
         self.reset_parameters()
 
     @property
@@ -80,6 +88,41 @@ class TiedAutoencoder(nn.Module):
             self.dec_biases[k].copy_(inverse(means[k].clamp(lo, hi)) - pre.mean(0))
             h = LAYER_FUNCTIONS[kind](pre + self.dec_biases[k])
 
+    @contextmanager
+    def centered(self, inputs: torch.Tensor) -> Iterator[None]:
+        """Train in the centred parametrisation; on exit the model is in its plain form again.
+
+        Inside, encoder layer k computes f((h_{k−1} − μ_{k−1}) W_kᵀ + b′_k) and decoder layer k
+        f((ĥ_k − μ_k) W_k + c′_k), where μ_k is the mean of the encoder's h_k over `inputs` (μ_0
+        the mean input; ĥ_k, which reconstructs h_k, is centred on the same μ_k) and
+        b′_k = b_k + μ_{k−1} W_kᵀ, c′_k = c_k + μ_k W_k, so the function does not change.
+        Why: sigmoid outputs have a mean near 0.5, which couples the gradients of a layer's
+        weights and of its bias and makes the loss badly conditioned; centring removes that
+        coupling (Schraudolph 1998; Montavon & Müller 2012). The optimizer keeps its state:
+        the parameters are updated in place.
+        """
+        if self._offsets is not None:
+            raise RuntimeError("the model is already centred")
+        with torch.no_grad():
+            h, offsets = inputs, [inputs.mean(0)]
+            for k in range(self.depth):
+                h = LAYER_FUNCTIONS[self._encoder_activation(k)](
+                    torch.addmm(self.enc_biases[k], h, self.weights[k].t()))
+                offsets.append(h.mean(0))
+            self._shift_biases(offsets, +1)
+        self._offsets = offsets
+        try:
+            yield
+        finally:
+            self._offsets = None
+            with torch.no_grad():
+                self._shift_biases(offsets, -1)
+
+    def _shift_biases(self, offsets: list[torch.Tensor], sign: int) -> None:
+        for k, w in enumerate(self.weights):
+            self.enc_biases[k].add_(offsets[k] @ w.t(), alpha=sign)
+            self.dec_biases[k].add_(offsets[k + 1] @ w, alpha=sign)
+
     # The layer rules, in one place for encode, decode and center_biases.
     def _encoder_activation(self, k: int) -> str:
         """Encoder layer k's activation: "linear" for a linear code layer, else the hidden one."""
@@ -92,12 +135,16 @@ class TiedAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
+            if self._offsets is not None:
+                h = h - self._offsets[k]
             h = LAYER_FUNCTIONS[self._encoder_activation(k)](torch.addmm(b, h, w.t()))
         return h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         h = z
         for k in reversed(range(self.depth)):
+            if self._offsets is not None:
+                h = h - self._offsets[k + 1]
             pre = torch.addmm(self.dec_biases[k], h, self.weights[k])
             h = LAYER_FUNCTIONS[self._decoder_activation(k)](pre)
         return h

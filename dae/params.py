@@ -96,6 +96,7 @@ SCHEMA: dict[str, Callable] = {
     "finetune.init_gain": _number(0, lo_open=True),
     "finetune.bias_init": _choice("data_mean", "zero"),
     "finetune.fresh_noise": _choice(True, False),
+    "finetune.center": _choice(True, False),
     "classifier.hidden": _int(1),
     **_fit_schema("classifier"),
     "figures.n_digits": _int(1),

@@ -5,12 +5,13 @@ permutation, so there is no per-sample Python and no DataLoader.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
 # Turns a training batch into a new one using a seeded generator on the data's device, e.g.
 # (clean,) -> (freshly corrupted, clean): every epoch sees new noise.
 Augment = Callable[[Sequence[torch.Tensor], torch.Generator], Sequence[torch.Tensor]]
+# Entered around each epoch's training steps, e.g. the model's centring (TiedAutoencoder.centered).
+EpochContext = Callable[[], ContextManager[None]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +104,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         config: FitConfig, *, seed: int, desc: str,
         on_epoch: Callable[[dict], None] | None = None,
         checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None,
-        progress: bool = True) -> FitResult:
+        epoch_context: EpochContext | None = None, progress: bool = True) -> FitResult:
     """Train `model` in place with Adam; keep the parameters of the best validation epoch.
 
     `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
@@ -110,6 +113,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     `checkpoint` is given, the full training state is saved there after every epoch and, if
     the file exists when `fit` starts and carries the same `fingerprint` (what was being
     trained: params, initial weights, data), training resumes from it (bit-identical on CPU).
+    `epoch_context`, if given, is entered around each epoch's training steps and left before
+    validation, so what is validated, kept and checkpointed is the model outside it.
     `progress`: draw a progress bar on a terminal (False in worker processes, dae.parallel).
     """
     n = train[0].shape[0]
@@ -149,18 +154,19 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         running = torch.zeros((), device=device)
         bar = tqdm(range(0, n, config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}",
                    leave=False, mininterval=1.0, disable=None if progress else True)
-        for start in bar:
-            idx = order[start:start + config.batch_size]
-            batch = [t[idx] for t in train]
-            if augment is not None:
-                batch = augment(batch, augment_generator)
-            with autocast(device, config.precision):
-                loss = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.detach() * idx.shape[0]
+        with epoch_context() if epoch_context is not None else contextlib.nullcontext():
+            for start in bar:
+                idx = order[start:start + config.batch_size]
+                batch = [t[idx] for t in train]
+                if augment is not None:
+                    batch = augment(batch, augment_generator)
+                with autocast(device, config.precision):
+                    loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                running += loss.detach() * idx.shape[0]
         train_loss = running.item() / n  # one device sync per epoch, not per step
         val_loss = evaluate_loss(model, loss_fn, val)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):

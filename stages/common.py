@@ -226,8 +226,8 @@ def seed_workers(jobs: int, device, start: bool = False) -> int:
 
 def train_seeds(run, stage: str, train_seed: Callable, jobs: dict[int, dict], device) -> dict[int, dict]:
     """Train every seed's model, each job with `train_seed(job, send)`: side by side in worker
-    processes on a CPU (dae.parallel; $DAE_SEED_WORKERS=1 trains them one by one in this
-    process), each seed logged to its own nested MLflow run as its epochs end. `train_seed`
+    processes, on a CPU as on a GPU (dae.parallel; $DAE_SEED_WORKERS=1 trains them one by one in
+    this process), each seed logged to its own nested MLflow run as its epochs end. `train_seed`
     sends ("start", None), ("epoch", row) per epoch and ("done", best metrics); it must be a
     module-level function. Every job gets `progress`: whether it may draw a progress bar (not
     from workers, whose bars would overwrite each other). Returns {seed: its result}."""

@@ -8,8 +8,11 @@ Random init is Glorot-uniform weights (finetune.init_gain) and, with finetune.bi
 data_mean, biases set from the means of the noisy training images (TiedAutoencoder.center_biases).
 Training reconstructs the clean image from a noisy copy: with finetune.fresh_noise, a new
 corruption (same type and level as the noise stage) of every batch, else the noise stage's fixed
-copy. Validation always uses the fixed copy; the best validation epoch is kept. On a CPU the
-seeds train side by side, one process each (stages.common.train_seeds; same results).
+copy. With finetune.center, every epoch trains in the centred parametrisation
+(TiedAutoencoder.centered), its offsets the layer means over the same noisy training images; the
+model written is the plain one. Validation always uses the fixed copy; the best validation epoch
+is kept. The seeds train side by side, one process each (stages.common.train_seeds; the same
+results).
 """
 import argparse
 
@@ -19,7 +22,8 @@ from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpo
                            write_trained)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
-BIAS_INIT_SAMPLE = 10_000  # noisy training images whose means set the biases (bias_init: data_mean)
+# Noisy training images whose means set the biases (bias_init: data_mean) and the offsets (center).
+BIAS_INIT_SAMPLE = 10_000
 
 
 def main() -> None:
@@ -110,10 +114,13 @@ def train_seed(job: dict, send) -> dict:
     stage = f"finetune@{name}"
     checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
     send("start", None)
+    # Offsets recomputed at the start of every epoch: the layer means move as the model trains.
+    centered = (lambda: model.centered(bias_sample)) if cfg["center"] else None
     result = fit(model, reconstruction_loss, train_inputs, (val["noisy"], val["clean"]),
                  fit_config(params, "finetune", name), seed=seed, desc=f"{stage} seed {seed}",
-                 augment=augment, checkpoint=checkpoint, fingerprint=fingerprint,
-                 on_epoch=lambda row: send("epoch", row), progress=job["progress"])
+                 augment=augment, epoch_context=centered, checkpoint=checkpoint,
+                 fingerprint=fingerprint, on_epoch=lambda row: send("epoch", row),
+                 progress=job["progress"])
     send("done", {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
     log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss, result.best_epoch)
     return {"state": model.cpu().state_dict(), "history": result.history}

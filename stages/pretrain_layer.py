@@ -3,7 +3,7 @@
 Layer k is a one-layer tied-weight denoising autoencoder trained on the codes of layers
 1..k-1 (noisy codes in, clean codes as target); those codes are computed once. The output
 checkpoint holds the whole stack 1..k for every seed, so stage k+1 depends on this file alone.
-On a CPU the seeds train side by side, one process each (stages.common.train_seeds; same results).
+The seeds train side by side, one process each (stages.common.train_seeds; the same results).
 """
 import argparse
 

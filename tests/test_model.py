@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dae.model import TiedAutoencoder
@@ -90,3 +91,51 @@ def test_center_biases_centres_encoder_units_and_matches_decoder_means():
         expected = torch.logit(target.mean(0).clamp(1e-3, 1 - 1e-3))
         torch.testing.assert_close(pre.mean(0), expected, atol=1e-4, rtol=0)
     assert all(torch.equal(w, before) for w, before in zip(model.weights, weights))
+
+
+def test_centered_keeps_the_function_and_returns_the_plain_parameters():
+    torch.manual_seed(0)
+    x = (torch.rand(500, 40) < 0.2).float() * torch.rand(500, 40)
+    model = TiedAutoencoder([40, 24, 16, 4], linear_code=True)
+    model.reset_parameters(4.0, torch.Generator().manual_seed(1))
+    model.center_biases(x)
+    plain = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model(x)
+        with model.centered(x):
+            inside = model(x)
+            # the biases now hold the offsets: b′ = b + μWᵀ, and the first offset is the mean input
+            torch.testing.assert_close(model.enc_biases[0], plain["enc_biases.0"] + x.mean(0) @ plain["weights.0"].t())
+        after = model(x)
+    torch.testing.assert_close(inside, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, plain[name], atol=1e-6, rtol=0)
+    assert list(model.state_dict()) == [f"{kind}.{k}" for kind in ("weights", "enc_biases", "dec_biases")
+                                        for k in range(3)]  # saved models stay plain
+
+
+def test_centered_changes_the_gradient_step_and_restores_on_error():
+    torch.manual_seed(0)
+    x = torch.rand(256, 20)
+    model = TiedAutoencoder([20, 12, 6])
+
+    def weight_grad(centered: bool) -> torch.Tensor:
+        model.zero_grad()
+        if centered:
+            with model.centered(x):
+                torch.mean((model(x) - x) ** 2).backward()
+        else:
+            torch.mean((model(x) - x) ** 2).backward()
+        return model.weights[0].grad.clone()
+
+    # Same function, other coordinates: the weights' gradient no longer carries the mean input.
+    assert not torch.allclose(weight_grad(True), weight_grad(False), atol=1e-6)
+    plain = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="already centred"):
+        with model.centered(x):
+            with model.centered(x):
+                pass
+    for p, q in zip(model.parameters(), plain):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert model._offsets is None

@@ -44,6 +44,7 @@ def test_repository_params_are_valid(params):
     ("finetune.epochs", {"shallow": 10, "random_ft": 0, "greedy_ft": 40},
      "finetune.epochs.random_ft: must be an integer >= 1"),
     ("seeds", [], "seeds: must be a non-empty list"),
+    ("finetune.center", "yes", "finetune.center: must be one of [True, False]"),
 ])
 def test_bad_values_name_the_key_and_the_rule(params, key, value, message):
     bad = copy.deepcopy(params)

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -46,7 +47,8 @@ def test_nan_loss_stops_with_epoch_and_hint():
         fit(model, reconstruction_loss, (x, x), (x, x), FitConfig(2, 16, 1e-3), seed=0, desc="stage x")
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path, digits):
+@pytest.mark.parametrize("centred", [False, True])
+def test_resume_after_interruption_is_bit_identical(tmp_path, digits, centred):
     x, noisy, _ = digits
     data = ((noisy[:500], x[:500]), (noisy[2500:2700], x[2500:2700]))
     config = FitConfig(epochs=3, batch_size=50, lr=3e-3, warmup_epochs=1)
@@ -57,8 +59,11 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, digits):
         model.reset_parameters(1.0, torch.Generator().manual_seed(0))
         return model
 
+    def around_epoch(model):  # the centring offsets are recomputed every epoch, so resuming repeats them
+        return (lambda: model.centered(noisy[:300])) if centred else None
+
     reference = fresh()
-    fit(reference, reconstruction_loss, *data, config, seed=0, desc="ref")
+    fit(reference, reconstruction_loss, *data, config, seed=0, desc="ref", epoch_context=around_epoch(reference))
 
     class Killed(Exception):
         pass
@@ -71,13 +76,51 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, digits):
     interrupted = fresh()
     with pytest.raises(Killed):
         fit(interrupted, reconstruction_loss, *data, config, seed=0, desc="run", on_epoch=kill_after_epoch_2,
-            checkpoint=checkpoint)
+            checkpoint=checkpoint, epoch_context=around_epoch(interrupted))
     assert checkpoint.exists()  # epoch 1 was saved before the kill in epoch 2's callback
     resumed = fresh()
-    result = fit(resumed, reconstruction_loss, *data, config, seed=0, desc="run", checkpoint=checkpoint)
+    result = fit(resumed, reconstruction_loss, *data, config, seed=0, desc="run", checkpoint=checkpoint,
+                 epoch_context=around_epoch(resumed))
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_epoch_context_wraps_each_epochs_steps_and_not_validation(digits):
+    x, noisy, _ = digits
+    inside, calls = [False], []
+
+    @contextlib.contextmanager
+    def around_epoch():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    def loss(model, batch):
+        calls.append(inside[0] if torch.is_grad_enabled() else ("val", inside[0]))
+        return reconstruction_loss(model, batch)
+
+    model = TiedAutoencoder([784, 16])
+    fit(model, loss, (noisy[:400], x[:400]), (noisy[2500:2600], x[2500:2600]), FitConfig(2, 100, 1e-3),
+        seed=0, desc="test", epoch_context=around_epoch)
+    # 4 training steps inside the context, then validation (one batch) outside it; twice
+    assert calls == [True] * 4 + [("val", False)] + [True] * 4 + [("val", False)]
+
+
+def test_centred_fit_keeps_the_best_plain_model(digits):
+    x, noisy, _ = digits
+    torch.manual_seed(0)
+    model = TiedAutoencoder([784, 64, 32, 16], linear_code=True)
+    model.reset_parameters(4.0, torch.Generator().manual_seed(0))
+    model.center_biases(noisy[:1000])
+    result = fit(model, reconstruction_loss, (noisy[:2000], x[:2000]), (noisy[2500:], x[2500:]),
+                 FitConfig(3, 100, 3e-3), seed=0, desc="test",
+                 epoch_context=lambda: model.centered(noisy[:1000]))
+    assert model._offsets is None
+    with torch.no_grad():
+        final = torch.mean((model(noisy[2500:]) - x[2500:]) ** 2).item()
+    assert final == pytest.approx(result.best_val_loss, rel=1e-5)
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
 
 def test_classifier_training_through_the_same_loop():
