@@ -141,10 +141,8 @@ def _context():
     # Workers fork from a server process that imported torch once, instead of each importing it
     # anew (spawn): measured, a stage starts its seeds a few seconds sooner and its processes take
     # ~0.4 GB less memory together (PSS). Plain fork would copy this process's torch threads.
-    # torch._inductor.config too: torch.use_deterministic_algorithms imports it, ~1 s a worker
-    # alone and 2-2.5 s with three workers importing it at once on two cores.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "torch", "torch._inductor.config"])
+    context.set_forkserver_preload(["__main__", "torch"])
     return context
 
 

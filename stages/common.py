@@ -112,10 +112,21 @@ def select_device(choice: str):
 def make_deterministic(device) -> None:
     """Deterministic kernels (bit-identical CPU reruns; see README for CUDA)."""
     import torch
+    import torch.utils.deterministic
 
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms(True) sets this flag, and also imports torch._inductor
+    # (~1 s a process) for torch.compile's copy of it; no stage compiles (reports/method.md).
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None:  # a PyTorch without the private setter: the public call does the same
+        torch.use_deterministic_algorithms(True)
+    else:
+        set_flag(True)
+    # Deterministic mode also fills every new tensor with NaN, a guard against reading memory
+    # that was never written; every kernel here writes what it reads, and the fill costs ~3 %
+    # of a one-process epoch (reports/method.md). The models are the same bits either way.
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def load_split(split: str, device) -> dict:
