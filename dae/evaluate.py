@@ -43,11 +43,13 @@ def accuracy(classifier: nn.Module, codes: torch.Tensor, labels: torch.Tensor) -
 
 def train_classifier(train_codes: torch.Tensor, train_labels: torch.Tensor,
                      val_codes: torch.Tensor, val_labels: torch.Tensor, hidden: int,
-                     config: FitConfig, seed: int, desc: str, on_epoch=None) -> CodeClassifier:
-    """Fit a CodeClassifier on frozen codes; the best validation epoch is kept."""
+                     config: FitConfig, seed: int, desc: str, on_epoch=None,
+                     progress: bool = True) -> CodeClassifier:
+    """Fit a CodeClassifier on frozen codes; the best validation epoch is kept. `progress`: draw
+    a progress bar on a terminal (False in worker processes)."""
     torch.manual_seed(seed)
     classifier = CodeClassifier(train_codes.shape[1], hidden, train_codes.mean(0), train_codes.std(0))
     classifier.to(train_codes.device)
     fit(classifier, classification_loss, (train_codes, train_labels), (val_codes, val_labels), config,
-        seed=seed, desc=desc, on_epoch=on_epoch)
+        seed=seed, desc=desc, on_epoch=on_epoch, progress=progress)
     return classifier

@@ -258,3 +258,16 @@ def test_two_cpu_runs_are_bit_identical(chain):
               ["reports/metrics.json", "data/models/pretrain/layer_8.pt", "data/models/finetune/random_ft.pt"]}
     ws.run_all(TRAINING_STAGES + [("stages.evaluate",)])
     assert {p: (ws.path / p).read_bytes() for p in before} == before
+
+
+def test_evaluate_gives_the_same_metrics_in_workers_as_one_by_one(chain):
+    """evaluate trains one classifier per model and seed, side by side in worker processes,
+    each on one thread; one by one in the stage's own process they are the same bytes."""
+    ws = chain
+    metrics = {}
+    for workers in ("2", "1"):
+        result = ws.stage("stages.evaluate", env={"DAE_SEED_WORKERS": workers})
+        assert result.returncode == 0, result.stderr
+        assert ("4 jobs in 2 worker processes" in result.stderr) == (workers == "2")
+        metrics[workers] = (ws.path / "reports/metrics.json").read_bytes()
+    assert metrics["2"] == metrics["1"]
