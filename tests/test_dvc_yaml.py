@@ -6,9 +6,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Imported by stages but shaping none of their outputs: MLflow logging, and the atomic writing of
-# files whose contents other modules compute.
-NOT_DEPENDENCIES = {"dae/tracking.py", "dae/io.py"}
+# Imported by stages but shaping none of their outputs: MLflow logging, the atomic writing of
+# files whose contents other modules compute, and where jobs run (worker processes or one by one:
+# the same bytes, tests/test_parallel.py and tests/test_faults.py).
+NOT_DEPENDENCIES = {"dae/tracking.py", "dae/io.py", "dae/parallel.py"}
 # What stages.common gives a stage that feeds its computation (the rest is logging, params,
 # error reporting); a stage that imports one of these depends on stages/common.py.
 COMMON_DATA = {"load_split", "load_checkpoint", "training_checkpoint", "write_trained"}
