@@ -1,4 +1,4 @@
-"""Run independent jobs (the seeds of a training stage) side by side, one process each.
+"""Run independent jobs (the seeds of a training stage, the classifiers of evaluate) side by side, one process each.
 
 Why: at this project's matrix sizes one training process gains little from a second core (on
 the 2-core CPU of reports/method.md, 2 threads do 1.2-1.5x the images/s of 1), while two or three
