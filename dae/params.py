@@ -73,7 +73,8 @@ def _epochs_per_model(key: str, value: Any) -> None:
 def _fit_schema(section: str, epochs: Callable | None = None) -> dict[str, Callable]:
     return {f"{section}.epochs": epochs or _int(1), f"{section}.batch_size": _int(1),
             f"{section}.lr": _number(0, lo_open=True), f"{section}.weight_decay": _number(0),
-            f"{section}.warmup_epochs": _number(0), f"{section}.precision": _choice("float32", "bfloat16")}
+            f"{section}.warmup_epochs": _number(0), f"{section}.schedule": _choice("cosine", "linear", "constant"),
+            f"{section}.precision": _choice("float32", "bfloat16")}
 
 
 SCHEMA: dict[str, Callable] = {

@@ -39,8 +39,8 @@ class FitConfig:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
-    warmup_epochs: float = 0.0   # linear warm-up, then cosine decay to zero
-    schedule: str = "cosine"     # "cosine" or "constant"
+    warmup_epochs: float = 0.0   # linear warm-up, then the schedule's decay
+    schedule: str = "cosine"     # after warm-up: "cosine" or "linear" decay to zero, or "constant"
     # "bfloat16": the forward and backward matrix products run under bfloat16 autocast (the
     # weights, the optimizer and the loss stay float32); "float32": plain float32.
     precision: str = "float32"
@@ -53,7 +53,13 @@ class FitResult:
     best_val_loss: float = math.inf
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate's factor at each step: linear warm-up, then the schedule."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {list(SCHEDULES)}")
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(config.warmup_epochs * steps_per_epoch)
 
@@ -62,8 +68,10 @@ def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float
             return (step + 1) / warmup
         if config.schedule == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 

@@ -95,7 +95,7 @@ def fit_config(params: dict, section: str, model: str | None = None):
     cfg = params[section]
     epochs = cfg["epochs"][model] if isinstance(cfg["epochs"], dict) else cfg["epochs"]
     return FitConfig(epochs, cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"],
-                     precision=cfg["precision"])
+                     schedule=cfg["schedule"], precision=cfg["precision"])
 
 
 def select_device(choice: str):
@@ -129,14 +129,18 @@ def make_deterministic(device) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def load_split(split: str, device) -> dict:
-    """{"clean": float [N,784] in [0,1], "noisy": float [N,784], "labels": int64 [N]} on `device`."""
+def load_split(split: str, device, noisy: bool = True) -> dict:
+    """{"clean": float [N,784] in [0,1], "noisy": float [N,784], "labels": int64 [N]} on `device`.
+    `noisy=False` leaves the noisy copy out: the file is then memory-mapped, so its noisy images
+    are never read and take no memory (evaluate's classifiers: ~0.16 GB less a process on MNIST)."""
     import torch
 
     path = NOISY_DIR / f"{split}.pt"
-    blob = torch.load(path, weights_only=True)
-    return {"clean": blob["clean"].to(device).float().div_(255.0),
-            "noisy": blob["noisy"].to(device), "labels": blob["labels"].to(device)}
+    blob = torch.load(path, weights_only=True, mmap=not noisy)
+    data = {"clean": blob["clean"].to(device).float().div_(255.0), "labels": blob["labels"].to(device).clone()}
+    if noisy:
+        data["noisy"] = blob["noisy"].to(device)
+    return data
 
 
 def load_checkpoint(path: Path, expected_arch: dict, seeds: list[int]) -> dict:

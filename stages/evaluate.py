@@ -44,7 +44,7 @@ def main() -> None:
                                 "device": str(device)}
     workers = seed_workers(len(jobs), device, start=True)
     jobs = {key: job | {"progress": workers <= 1} for key, job in jobs.items()}
-    val, test = load_split("val", device), load_split("test", device)
+    val, test = evaluation_split("val", str(device)), evaluation_split("test", str(device))
     dataset = params["data"]["dataset"]
     example = test["noisy"][:2].cpu().numpy()  # the input example every logged model carries
     per_seed: dict[str, list[dict]] = {name: [] for name in MODELS}
@@ -83,12 +83,13 @@ def main() -> None:
         print(table)
 
 
-@functools.lru_cache(maxsize=1)
-def evaluation_data(device: str) -> tuple[dict, dict, dict]:
-    """The train, validation and test splits, loaded once per process."""
+@functools.lru_cache(maxsize=3)
+def evaluation_split(split: str, device: str) -> dict:
+    """One split, loaded once per process (also when the jobs run in the stage's own process).
+    The classifiers train on clean codes: the noisy training images are left out."""
     import torch
 
-    return tuple(load_split(split, torch.device(device)) for split in ("train", "val", "test"))
+    return load_split(split, torch.device(device), noisy=split != "train")
 
 
 def evaluate_model(job: dict, send) -> dict:
@@ -104,7 +105,7 @@ def evaluate_model(job: dict, send) -> dict:
     # One thread wherever it runs (in a worker or alone): a classifier's float sums depend on
     # the thread count, and its small steps gain nothing from a second thread (reports/method.md).
     torch.set_num_threads(1)
-    train, val, test = evaluation_data(job["device"])
+    train, val, test = (evaluation_split(split, job["device"]) for split in ("train", "val", "test"))
     model = TiedAutoencoder.from_arch(job["arch"])
     model.load_state_dict(job["state"])
     model.to(device).eval()

@@ -45,6 +45,7 @@ def test_repository_params_are_valid(params):
      "finetune.epochs.random_ft: must be an integer >= 1"),
     ("seeds", [], "seeds: must be a non-empty list"),
     ("finetune.center", "yes", "finetune.center: must be one of [True, False]"),
+    ("finetune.schedule", "step", "finetune.schedule: must be one of ['cosine', 'linear', 'constant']"),
 ])
 def test_bad_values_name_the_key_and_the_rule(params, key, value, message):
     bad = copy.deepcopy(params)
@@ -91,5 +92,7 @@ def test_finetune_epochs_per_model_or_one_for_all(params):
     validate(params, ["finetune"])
     assert [fit_config(params, "finetune", m).epochs for m in ("shallow", "random_ft", "greedy_ft")] == [3, 5, 6]
     assert fit_config(params, "finetune", "shallow").precision == params["finetune"]["precision"]
+    assert {fit_config(params, section, "greedy_ft").schedule for section in ("pretrain", "finetune", "classifier")} \
+        == {params[section]["schedule"] for section in ("pretrain", "finetune", "classifier")}
     flat = section_flat(params, ["finetune"])
     assert flat["finetune.epochs.random_ft"] == 5 and "finetune.epochs" not in flat  # one MLflow param each

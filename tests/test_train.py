@@ -182,3 +182,38 @@ def test_bfloat16_autocast_trains_with_float32_weights_and_loss(digits):
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         autocast(torch.device("cpu"), "float16")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays_as_named(schedule):
+    """The learning rate at each step: linear warm-up over warmup_epochs, then the schedule."""
+    from dae.train import _lr_factor
+
+    steps_per_epoch = 10
+    factor = _lr_factor(FitConfig(epochs=5, batch_size=1, lr=1.0, warmup_epochs=1, schedule=schedule),
+                        steps_per_epoch)
+    assert [factor(step) for step in range(10)] == pytest.approx([(step + 1) / 10 for step in range(10)])
+    decay = [factor(step) for step in range(10, 51)]  # 40 steps after warm-up, and one past the end
+    expected = {"constant": [1.0] * 41,
+                "linear": [1 - i / 40 for i in range(40)] + [0.0],
+                "cosine": [0.5 * (1 + math.cos(math.pi * i / 40)) for i in range(40)] + [0.0]}[schedule]
+    assert decay == pytest.approx(expected, abs=1e-12)
+
+
+def test_schedule_sets_the_learning_rate_of_every_epoch():
+    """fit's history records the learning rate that the schedule gave at each epoch's end."""
+    x = torch.rand(100, 10)
+    rates = {}
+    for schedule in ("cosine", "linear"):
+        model = TiedAutoencoder([10, 4])
+        result = fit(model, reconstruction_loss, (x, x), (x, x), FitConfig(4, 10, 1e-2, schedule=schedule),
+                     seed=0, desc=schedule, progress=False)
+        rates[schedule] = [row["lr"] for row in result.history]
+    assert rates["linear"] == pytest.approx([7.5e-3, 5e-3, 2.5e-3, 0.0])
+    assert rates["cosine"] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3, 4)])
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        fit(TiedAutoencoder([10, 4]), reconstruction_loss, (torch.rand(8, 10),) * 2, (torch.rand(8, 10),) * 2,
+            FitConfig(1, 4, 1e-2, schedule="step"), seed=0, desc="x", progress=False)
