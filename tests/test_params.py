@@ -92,7 +92,7 @@ def test_finetune_epochs_per_model_or_one_for_all(params):
     validate(params, ["finetune"])
     assert [fit_config(params, "finetune", m).epochs for m in ("shallow", "random_ft", "greedy_ft")] == [3, 5, 6]
     assert fit_config(params, "finetune", "shallow").precision == params["finetune"]["precision"]
-    assert {fit_config(params, section, "greedy_ft").schedule for section in ("pretrain", "finetune", "classifier")} \
-        == {params[section]["schedule"] for section in ("pretrain", "finetune", "classifier")}
+    sections = ["pretrain", "finetune", "classifier"]
+    assert [fit_config(params, s, "greedy_ft").schedule for s in sections] == [params[s]["schedule"] for s in sections]
     flat = section_flat(params, ["finetune"])
     assert flat["finetune.epochs.random_ft"] == 5 and "finetune.epochs" not in flat  # one MLflow param each
