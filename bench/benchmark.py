@@ -150,12 +150,15 @@ def tree_rss_mb(root_pid: int) -> float:
 
 def timed_repro(cwd: Path, label: str) -> dict:
     """`dvc repro --force` in `cwd`, its output passed through; wall seconds, seconds per stage
-    (from one "Running stage" line to the next) and the peak resident memory of all its processes
-    together (a stage's seed workers run at once), sampled every half second."""
+    (from one "Running stage" line to the next), the span of each model's log lines inside the
+    finetune stage (its models run side by side: the first to the last line of
+    `finetune@MODEL:`) and the peak resident memory of all its processes together (a stage's
+    seed workers run at once), sampled every half second."""
     import threading
 
     print(f"--- {label}: dvc repro --force in {cwd}", flush=True)
     starts: list[tuple[str, float]] = []
+    spans: dict[str, list[float]] = {}
     start = time.perf_counter()
     # The stages' `python` is this interpreter's, as in an activated venv.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -174,6 +177,9 @@ def timed_repro(cwd: Path, label: str) -> dict:
             found = re.match(r"Running stage '([^']+)'", line)
             if found:
                 starts.append((found.group(1), time.perf_counter()))
+            model = re.match(r"\d\d:\d\d:\d\d (finetune@\w+): ", line)
+            if model:
+                spans.setdefault(model.group(1), [time.perf_counter()])[1:] = [time.perf_counter()]
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: dvc repro failed (exit {proc.returncode})")
@@ -181,7 +187,9 @@ def timed_repro(cwd: Path, label: str) -> dict:
     ends = [t for _, t in starts[1:]] + [end]
     stages = {name: round(stop - begin, 1) for (name, begin), stop in zip(starts, ends)}
     print(f"--- {label}: {end - start:.0f} s, peak memory of all its processes {peak['mb']:.0f} MB", flush=True)
-    return {"seconds": round(end - start, 1), "stage_seconds": stages, "peak_rss_total_mb": round(peak["mb"], 1)}
+    models = {name: round(span[-1] - span[0], 1) for name, span in spans.items()}
+    return {"seconds": round(end - start, 1), "stage_seconds": stages, "finetune_model_seconds": models,
+            "peak_rss_total_mb": round(peak["mb"], 1)}
 
 
 def one_seed_repro(rev: str, label: str) -> dict:
@@ -289,7 +297,8 @@ def main() -> None:
                    "previous_one_seed_stage_seconds": prev["stage_seconds"]}
     if not args.no_one_seed:
         current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
-        result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"]}
+        result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"],
+                   "one_seed_finetune_model_seconds": current["finetune_model_seconds"]}
     if args.no_one_seed and not args.previous and out.exists():
         # Keep the last measured one-seed figures (and the speed-up computed from them), marked as such.
         last = json.loads(out.read_text())
@@ -312,6 +321,7 @@ def main() -> None:
     full = timed_repro(ROOT, f"{len(params['seeds'])} seeds")
     # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
     result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
+               "finetune_model_seconds": full["finetune_model_seconds"],
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
                "peak_rss_total_mb": full["peak_rss_total_mb"],
                "seeds": len(params["seeds"]),

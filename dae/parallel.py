@@ -14,6 +14,10 @@ processes, or in this process one after the other when `workers` <= 1. `send(kin
 passes a message (e.g. one epoch's losses) to the caller's `on_message` as it happens; the
 results come back in the order of `jobs`. The first job that fails stops the others and its
 exception is raised here.
+
+`run_commands(commands, lanes=...)` does the same one level up, for whole commands (the models
+of the finetune stage, each a `python -m stages.finetune MODEL` with its own seeds and MLflow
+run): `lanes` at a time, as `lane_count` says the seeds leave room for.
 """
 from __future__ import annotations
 
@@ -22,12 +26,16 @@ import multiprocessing
 import os
 import pickle
 import queue
+import subprocess
+import time
 import traceback
 from typing import Any, Callable, Hashable, Mapping
 
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "DAE_SEED_WORKERS"  # how many seeds train at once: "auto" (default), or a number; 1 = one by one
+# "off": draw no progress bars (set by run_commands' callers for commands that share a terminal).
+PROGRESS_ENV = "DAE_PROGRESS"
 
 Send = Callable[[str, Any], None]
 OnMessage = Callable[[Hashable, str, Any], None]
@@ -35,6 +43,10 @@ OnMessage = Callable[[Hashable, str, Any], None]
 
 class WorkerDied(RuntimeError):
     """A worker process ended without a result (killed, e.g. for lack of memory)."""
+
+
+class CommandFailed(RuntimeError):
+    """A command of run_commands exited with an error (it printed its own message)."""
 
 
 def cpu_count() -> int:
@@ -88,6 +100,48 @@ def worker_count(jobs: int, device_type: str, setting: str | None = None) -> int
 
 def threads_per_worker(workers: int) -> int:
     return max(1, cpu_count() // workers)
+
+
+def lane_count(groups: int, jobs_per_group: int, device_type: str, setting: str | None = None) -> int:
+    """How many groups of jobs (the models of the finetune stage, each with one job per seed) to
+    run at once: as many as the worker slots of worker_count hold, at least one. On a 2-core
+    CPU, one seed: all four models at once, on one thread each (a one-seed model leaves the
+    second core nearly idle); three seeds: one model after another, each on 3 workers, as before."""
+    slots = worker_count(groups * jobs_per_group, device_type, setting)
+    return max(1, min(groups, slots // max(1, jobs_per_group)))
+
+
+def run_commands(commands: Mapping[Hashable, list[str]], *, lanes: int, env: Mapping[str, str] | None = None,
+                 poll_s: float = 0.2) -> None:
+    """Run every command as a child process, `lanes` at a time in the order given, and wait for
+    all of them. The children share this process's stdout and stderr. The first that fails
+    stops the others (SIGTERM: a stage ends as when DVC interrupts it, its outputs not replaced)
+    and raises CommandFailed naming it; so does an interrupt of this process."""
+    pending = list(commands.items())
+    running: dict[Hashable, subprocess.Popen] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < lanes:
+                key, command = pending.pop(0)
+                running[key] = subprocess.Popen(command, env=None if env is None else dict(env))
+            time.sleep(poll_s)
+            for key, process in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[key]
+                if code != 0:
+                    raise CommandFailed(f"{key} failed (exit code {code}; its error is above)"
+                                        + ("; stopped the others" if running or pending else ""))
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def run_jobs(fn: Callable[[Any, Send], Any], jobs: Mapping[Hashable, Any], *, workers: int,

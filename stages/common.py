@@ -23,8 +23,8 @@ LOG_FORMAT = "%(asctime)s %(message)s"  # run_stage adds the stage's name; worke
 
 def stage_name(name: str) -> str:
     """The stage as dvc.yaml names it: `finetune@greedy_ft` for `python -m stages.finetune greedy_ft`."""
-    item = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    return f"{name}@{item}" if item else name
+    items = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+    return f"{name}@{items[0]}" if len(items) == 1 else name
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
@@ -39,9 +39,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     from dae.tracking import TrackingError
     from dae.train import TrainingDiverged
 
-    from dae.parallel import WorkerDied
+    from dae.parallel import CommandFailed, WorkerDied
 
-    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError, WorkerDied)
+    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError, WorkerDied, CommandFailed)
 
     def interrupted(signum, _frame):
         # Unwind normally so that half-written temporary files are removed (see dae.io).
@@ -245,11 +245,13 @@ def train_seeds(run, stage: str, train_seed: Callable, jobs: dict[int, dict], de
     this process), each seed logged to its own nested MLflow run as its epochs end. `train_seed`
     sends ("start", None), ("epoch", row) per epoch and ("done", best metrics); it must be a
     module-level function. Every job gets `progress`: whether it may draw a progress bar (not
-    from workers, whose bars would overwrite each other). Returns {seed: its result}."""
-    from dae.parallel import run_jobs
+    from workers, whose bars would overwrite each other, nor with $DAE_PROGRESS=off, when other
+    stage processes share the terminal). Returns {seed: its result}."""
+    from dae.parallel import PROGRESS_ENV, run_jobs
 
     workers = seed_workers(len(jobs), device)
-    jobs = {seed: job | {"progress": workers <= 1} for seed, job in jobs.items()}
+    progress = workers <= 1 and os.environ.get(PROGRESS_ENV, "on").lower() != "off"
+    jobs = {seed: job | {"progress": progress} for seed, job in jobs.items()}
     with run.seed_runs(stage) as seed_runs:
         def on_message(seed: int, kind: str, payload) -> None:
             if kind == "start":

@@ -1,4 +1,4 @@
-"""finetune MODEL: build one of the slide's four models and train it end to end.
+"""finetune [MODEL ...]: build the slide's four models (or those named) and train them end to end.
 
 shallow   1+1: 784 -> bottleneck, random init, trained end to end
 greedy    8+8: the pretrained stack of data/models/pretrain/layer_8.pt, no further training
@@ -13,8 +13,16 @@ copy. With finetune.center, every epoch trains in the centred parametrisation
 model written is the plain one. Validation always uses the fixed copy; the best validation epoch
 is kept. The seeds train side by side, one process each (stages.common.train_seeds; the same
 results).
+
+Each model is its own process, `python -m stages.finetune MODEL`, with its own MLflow run
+(`finetune@MODEL`). Several models run side by side when the seeds leave workers free
+(dae.parallel.lane_count): with one seed on a 2-core CPU all four at once, on one thread each,
+since one model gains little from a second core. A model does not depend on the thread count
+that trained it (tests/test_parallel.py), so this changes no result, only the wait.
 """
 import argparse
+import os
+import sys
 
 from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config,
                            load_checkpoint, load_params, load_split, log, make_deterministic, model_state,
@@ -24,18 +32,60 @@ from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpo
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
 # Noisy training images whose means set the biases (bias_init: data_mean) and the offsets (center).
 BIAS_INIT_SAMPLE = 10_000
+# Side by side, the longest start first (they take the lanes that free up last).
+LAUNCH_ORDER = ("random_ft", "greedy_ft", "shallow", "greedy")
 
 
 def main() -> None:
-    from dae.model import TiedAutoencoder
-    from dae.params import DEEP_LAYERS, MODELS, model_arch, section_flat
-    from dae.tracking import stage_run
-    from dae.train import evaluate_loss, reconstruction_loss
+    from dae.params import MODELS
 
     parser = argparse.ArgumentParser(prog="python -m stages.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=MODELS)
-    name = parser.parse_args().model
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all four)")
+    names = list(dict.fromkeys(parser.parse_args().models)) or list(MODELS)
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:  # (argparse's `choices` rejects an empty list of a nargs="*" argument)
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if len(names) == 1:
+        train_model(names[0])
+    else:
+        train_models(names)
+
+
+def train_models(names: list[str]) -> None:
+    """Every model in `names`, each as `python -m stages.finetune MODEL`, side by side as far as
+    the seeds leave workers free (see the module's docstring)."""
+    from dae.parallel import PROGRESS_ENV, lane_count, run_commands, threads_per_worker
+
+    params = load_params(SECTIONS)  # a bad params.yaml fails here, before any model starts
+    for name in names:
+        if name != "greedy":
+            fit_config(params, "finetune", name)
+    device = select_device(params["device"])
+    try:
+        lanes = lane_count(len(names), len(params["seeds"]), device.type)
+    except ValueError as exc:  # a bad $DAE_SEED_WORKERS
+        from dae.params import ParamError
+
+        raise ParamError(str(exc)) from None
+    env = dict(os.environ)
+    if lanes > 1:
+        # Each model on its share of the cores; the seeds' workers set their own (dae.parallel).
+        env |= {"OMP_NUM_THREADS": str(threads_per_worker(lanes)), PROGRESS_ENV: "off"}
+    ordered = sorted(names, key=LAUNCH_ORDER.index)
+    log.info("training %s, %d at a time%s", ", ".join(ordered), lanes,
+             f" ({env['OMP_NUM_THREADS']} thread(s) each)" if lanes > 1 else "")
+    run_commands({f"finetune@{name}": [sys.executable, "-m", "stages.finetune", name] for name in ordered},
+                 lanes=lanes, env=env)
+
+
+def train_model(name: str) -> None:
+    """One model, all its seeds, in its own MLflow run `finetune@{name}`."""
+    from dae.model import TiedAutoencoder
+    from dae.params import DEEP_LAYERS, model_arch, section_flat
+    from dae.tracking import stage_run
+    from dae.train import evaluate_loss, reconstruction_loss
+
     params = load_params(SECTIONS)
     device = select_device(params["device"])
     make_deterministic(device)

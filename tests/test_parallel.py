@@ -2,12 +2,13 @@
 one gives, messages arrive as they are sent, and a failing job stops the stage with its error."""
 import csv
 import os
+import re
 import time
 
 import pytest
 
 from dae import parallel
-from dae.parallel import WORKERS_ENV, run_jobs, worker_count
+from dae.parallel import WORKERS_ENV, CommandFailed, lane_count, run_commands, run_jobs, worker_count
 from workspace import prepare_workspace
 
 
@@ -94,6 +95,65 @@ def test_worker_count(monkeypatch):
     for bad in ("0", "two"):
         with pytest.raises(ValueError, match=WORKERS_ENV):
             worker_count(3, "cpu", bad)
+
+
+def test_lane_count_runs_models_side_by_side_only_where_the_seeds_leave_room(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 * 2**30)
+    assert lane_count(4, 1, "cpu", "auto") == 4  # one seed: all four models at once
+    assert lane_count(4, 2, "cpu", "auto") == 2
+    assert lane_count(4, 3, "cpu", "auto") == 1  # three seeds fill the 2-core CPU alone
+    assert lane_count(2, 1, "cpu", "auto") == 2
+    assert lane_count(4, 1, "cpu", "1") == 1  # DAE_SEED_WORKERS=1: one by one
+    monkeypatch.setattr(parallel, "available_memory", lambda: 2 * parallel.WORKER_MEMORY_BYTES)
+    assert lane_count(4, 1, "cpu", "auto") == 2  # as many as the memory holds
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 16)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 * 2**30)
+    assert lane_count(4, 3, "cuda", "auto") == 4  # a GPU host: one process per core
+
+
+def test_run_commands_runs_side_by_side_and_stops_the_rest_on_a_failure(tmp_path):
+    import sys
+
+    python = sys.executable
+    started = time.monotonic()
+    run_commands({name: [python, "-c", f"import time; time.sleep(1); open({str(tmp_path / name)!r}, 'w')"]
+                  for name in ("a", "b", "c")}, lanes=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+    assert time.monotonic() - started < 2.9  # at once, not one after another
+    started = time.monotonic()
+    with pytest.raises(CommandFailed, match=r"^fails failed \(exit code 3; its error is above\); stopped the others"):
+        run_commands({"slow": [python, "-c", "import time; time.sleep(60)"],
+                      "fails": [python, "-c", "raise SystemExit(3)"],
+                      "queued": [python, "-c", "raise SystemExit('must not start')"]}, lanes=2)
+    assert time.monotonic() - started < 30  # the slow one was stopped
+
+
+def test_finetune_stage_trains_models_side_by_side_to_the_same_bytes(tmp_path, mnist_mirror):
+    """`python -m stages.finetune shallow random_ft` (one seed: both at once, one thread each)
+    writes the files that running them one by one, on all cores, writes."""
+    ws = prepare_workspace(tmp_path / "ws", mnist_mirror)
+    outputs = {}
+    for how, commands in (("apart", [("shallow",), ("random_ft",)]), ("together", [("shallow", "random_ft")])):
+        for models in commands:
+            result = ws.stage("stages.finetune", *models)
+            assert result.returncode == 0, result.stderr
+        outputs[how] = ws.snapshot("data/models/finetune")
+        assert ("2 at a time (1 thread(s) each)" in result.stderr) == (how == "together")
+    assert set(outputs["apart"]) == {"shallow.pt", "random_ft.pt"}
+    assert outputs["apart"] == outputs["together"]
+
+
+def test_finetune_stage_reports_the_model_that_failed(tmp_path, mnist_mirror):
+    """No pretrained stack (pretrain_layer 2..8 never ran): greedy and greedy_ft fail with their
+    own error, the stage with one line naming the model, and exit code 1."""
+    ws = prepare_workspace(tmp_path / "ws", mnist_mirror)
+    result = ws.stage("stages.finetune")
+    assert result.returncode == 1
+    assert "ERROR in stage finetune@greedy" in result.stderr and "layer_8.pt" in result.stderr
+    assert re.search(r"ERROR in stage finetune: finetune@greedy(_ft)? failed \(exit code 1", result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not list((ws.path / "data/models").rglob("*.tmp*"))  # nothing half-written
 
 
 def _curve(path):

@@ -13,9 +13,10 @@ import yaml
 
 from tests.workspace import make_workspace, ran_stages
 
-STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)],
-          *[f"finetune@{m}" for m in ("shallow", "greedy", "random_ft", "greedy_ft")], "evaluate", "figures"]
-TRACKED_STAGES = [s for s in STAGES if s not in ("download", "noise")]
+STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)], "finetune", "evaluate", "figures"]
+# In MLflow each model of the finetune stage has its own run (its own process).
+TRACKED_STAGES = ([s for s in STAGES if s not in ("download", "noise", "finetune")]
+                  + [f"finetune@{m}" for m in ("shallow", "greedy", "random_ft", "greedy_ft")])
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_finetune_change_reruns_only_what_depends_on_it(workspace):
     diff = run(sys.executable, "-m", "dvc", "params", "diff")
     assert "finetune.epochs" in diff.stdout
     ran = ran_stages(run(sys.executable, "-m", "dvc", "repro").stdout)
-    assert {"finetune@shallow", "finetune@random_ft", "finetune@greedy_ft", "evaluate", "figures"} <= set(ran)
+    assert {"finetune", "evaluate", "figures"} <= set(ran)
     assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]
 
 
