@@ -179,7 +179,8 @@ def timed_repro(cwd: Path, label: str) -> dict:
                 starts.append((found.group(1), time.perf_counter()))
             model = re.match(r"\d\d:\d\d:\d\d (finetune@\w+): ", line)
             if model:
-                spans.setdefault(model.group(1), [time.perf_counter()])[1:] = [time.perf_counter()]
+                now = time.perf_counter()
+                spans.setdefault(model.group(1), [now, now])[1] = now
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: dvc repro failed (exit {proc.returncode})")

@@ -102,12 +102,22 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cpu_count() // workers)
 
 
+# Processes at once on one GPU, each with its own CUDA context and copy of the data (~1 GB of GPU
+# memory): a small GPU must hold them. Three seeds ran as three processes before models ran side
+# by side; more than four at once has not been measured.
+GPU_MAX_PROCESSES = 4
+
+
 def lane_count(groups: int, jobs_per_group: int, device_type: str, setting: str | None = None) -> int:
     """How many groups of jobs (the models of the finetune stage, each with one job per seed) to
     run at once: as many as the worker slots of worker_count hold, at least one. On a 2-core
     CPU, one seed: all four models at once, on one thread each (a one-seed model leaves the
-    second core nearly idle); three seeds: one model after another, each on 3 workers, as before."""
+    second core nearly idle); three seeds: one model after another, each on 3 workers, as before.
+    On a GPU no more than GPU_MAX_PROCESSES processes at once (one seed: four models; three
+    seeds: one model after another)."""
     slots = worker_count(groups * jobs_per_group, device_type, setting)
+    if device_type != "cpu":
+        slots = min(slots, GPU_MAX_PROCESSES)
     return max(1, min(groups, slots // max(1, jobs_per_group)))
 
 

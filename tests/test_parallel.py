@@ -109,7 +109,8 @@ def test_lane_count_runs_models_side_by_side_only_where_the_seeds_leave_room(mon
     assert lane_count(4, 1, "cpu", "auto") == 2  # as many as the memory holds
     monkeypatch.setattr(parallel, "cpu_count", lambda: 16)
     monkeypatch.setattr(parallel, "available_memory", lambda: 64 * 2**30)
-    assert lane_count(4, 3, "cuda", "auto") == 4  # a GPU host: one process per core
+    assert lane_count(4, 1, "cuda", "auto") == 4  # a GPU: four processes at most (its memory)
+    assert lane_count(4, 3, "cuda", "auto") == 1
 
 
 def test_run_commands_runs_side_by_side_and_stops_the_rest_on_a_failure(tmp_path):
