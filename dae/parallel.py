@@ -121,19 +121,42 @@ def lane_count(groups: int, jobs_per_group: int, device_type: str, setting: str 
     return max(1, min(groups, slots // max(1, jobs_per_group)))
 
 
+def _stop_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn for a child that must get SIGTERM when this process dies, even by SIGKILL,
+    when it could not stop the child itself (Linux: prctl PR_SET_PDEATHSIG); None elsewhere."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
+
+    return set_signal
+
+
 def run_commands(commands: Mapping[Hashable, list[str]], *, lanes: int, env: Mapping[str, str] | None = None,
                  poll_s: float = 0.2) -> None:
     """Run every command as a child process, `lanes` at a time in the order given, and wait for
     all of them. The children share this process's stdout and stderr. The first that fails
     stops the others (SIGTERM: a stage ends as when DVC interrupts it, its outputs not replaced)
-    and raises CommandFailed naming it; so does an interrupt of this process."""
+    and raises CommandFailed naming it; so does an interrupt of this process. If this process
+    is killed (SIGKILL), its children get SIGTERM too (on Linux) rather than train on."""
     pending = list(commands.items())
     running: dict[Hashable, subprocess.Popen] = {}
+    preexec = _stop_with_parent()
     try:
         while pending or running:
             while pending and len(running) < lanes:
                 key, command = pending.pop(0)
-                running[key] = subprocess.Popen(command, env=None if env is None else dict(env))
+                running[key] = subprocess.Popen(command, env=None if env is None else dict(env), preexec_fn=preexec)
             time.sleep(poll_s)
             for key, process in list(running.items()):
                 code = process.poll()

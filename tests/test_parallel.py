@@ -130,6 +130,31 @@ def test_run_commands_runs_side_by_side_and_stops_the_rest_on_a_failure(tmp_path
     assert time.monotonic() - started < 30  # the slow one was stopped
 
 
+def test_commands_stop_when_their_parent_is_killed(tmp_path):
+    """SIGKILL of the process that runs the commands (a finetune stage) must not leave them running."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dae.parallel import run_commands; "
+            "run_commands({'a': [sys.executable, '-c', 'import time; time.sleep(60)']}, lanes=1)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=parallel.__file__.rsplit("/dae/", 1)[0])
+    deadline = time.monotonic() + 30
+    while not _descendants(parent.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = _descendants(parent.pid)
+    assert children
+    time.sleep(0.5)  # the child is past its preexec_fn
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
+                 and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
+    assert not alive, f"commands {alive} still run after their parent was killed"
+
+
 def test_finetune_stage_trains_models_side_by_side_to_the_same_bytes(tmp_path, mnist_mirror):
     """`python -m stages.finetune shallow random_ft` (one seed: both at once, one thread each)
     writes the files that running them one by one, on all cores, writes."""
