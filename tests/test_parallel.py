@@ -146,12 +146,7 @@ def test_commands_stop_when_their_parent_is_killed(tmp_path):
     time.sleep(0.5)  # the child is past its preexec_fn
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    alive = children
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
-                 and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
+    alive = _still_running(children, timeout=10)
     assert not alive, f"commands {alive} still run after their parent was killed"
 
 
@@ -246,6 +241,24 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _still_running(pids: set[int], timeout: float) -> list[int]:
+    """The processes of `pids` still running (not ended, not zombies) after waiting up to `timeout` s for them to end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+                 and _stat_state(pid) not in ("", "Z")]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _stat_state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1][0]
+    except (OSError, IndexError):  # it ended meanwhile
+        return ""
+
+
 def test_workers_stop_when_the_stage_process_is_killed(tmp_path, mnist_mirror):
     """SIGKILL of a stage (no chance to stop its workers) must not leave them training on."""
     import subprocess
@@ -263,9 +276,5 @@ def test_workers_stop_when_the_stage_process_is_killed(tmp_path, mnist_mirror):
     assert len(workers) >= 2
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
-        time.sleep(0.5)
-    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
-             and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
+    alive = _still_running(workers, timeout=30)
     assert not alive, f"workers {alive} still run after their stage was killed"
