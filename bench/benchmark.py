@@ -1,9 +1,8 @@
 """Benchmark: the time to the slide, and what bounds it.
 
-    python bench/benchmark.py                        # everything; writes reports/benchmark.json
-    python bench/benchmark.py --previous 33fa03a     # also times that commit's recipe, for the speed-up
-    python bench/benchmark.py --skip-repro           # the epoch and matmul figures only (needs data/noisy)
-    python bench/benchmark.py --previous 33fa03a --skip-full   # the one-seed speed-up only
+    python bench/benchmark.py                          # everything; writes reports/benchmark.json
+    python bench/benchmark.py --previous ebab905       # also times that commit's 3-seed repro, for the speed-up
+    python bench/benchmark.py --skip-repro             # the epoch, scaling and matmul figures only (needs data/noisy)
 
 1. The device: its dense float32 and bfloat16 matrix-multiply rates (what its compute allows).
 2. One fine-tuning epoch of the 8+8 model at params.yaml's batch size and precision: images/s of
@@ -11,11 +10,13 @@
    torch.utils.data.DataLoader over a TensorDataset with the same model, optimizer, batch size
    and precision (medians of interleaved epochs), the epoch's GFLOP/s and its fraction of the
    matmul rate.
-3. One seed (`seeds: [0]`): `dvc repro --force` in a fresh `git worktree` of HEAD, and with
-   --previous REV of that commit as well, one right after the other on the same machine;
-   `speedup_vs_previous` is their ratio. Both run with tracking on, as a user runs them.
-4. Three seeds: `dvc repro --force` of this workspace (its outputs are the committed results),
-   wall time, seconds per stage and peak RSS (the largest process, and all processes together).
+3. The scaling curve: images/s in all and per member of M = 1, 3, 6, 12, 24, 48 stacked 8+8
+   members (dae.train's training step, fresh noise, params.yaml's batch size and precision).
+4. Stage start-up: the seconds a stage process spends importing what every stage imports.
+5. With --previous REV: `dvc repro --force` of that commit in a fresh `git worktree`, then
+6. `dvc repro --force` of this workspace (its outputs are the committed results): wall time,
+   seconds per stage and peak RSS (the largest process, and all processes together);
+   `speedup_vs_previous` is the ratio of the two, measured one right after the other.
 
 Timings on a shared machine vary by up to a third from run to run: the ratios, each measured
 within one run of this script, are the figures to compare; the matmul rates say how fast the
@@ -63,12 +64,12 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
 
     from dae.model import TiedAutoencoder
     from dae.params import model_arch
-    from dae.train import autocast, fit, make_optimizer, reconstruction_loss
+    from dae.train import autocast, fit, make_optimizer, reconstruction_loss, shared
     from stages.common import fit_config, load_split
 
     train, val = load_split("train", device), load_split("val", device)
     n = len(train["clean"])
-    tiny_val = (val["noisy"][:256], val["clean"][:256])  # keep validation out of the timing
+    tiny_val = (shared(val["noisy"][:256], 1), shared(val["clean"][:256], 1))  # keep validation out of the timing
     one_epoch = fit_config(params, "finetune", "greedy_ft")
     one_epoch.epochs = 1
 
@@ -77,8 +78,9 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
         return TiedAutoencoder.from_arch(model_arch(params, "random_ft")).to(device)
 
     def our_epoch() -> None:
-        fit(fresh_model(), reconstruction_loss, (train["noisy"], train["clean"]), tiny_val,
-            one_epoch, seed=0, desc="ours")
+        fit(TiedAutoencoder.stacked([fresh_model()]), reconstruction_loss,
+            (shared(train["noisy"], 1), shared(train["clean"], 1)), tiny_val, one_epoch, seeds=[0], desc=["ours"],
+            progress=False)
 
     # The usual baseline: a DataLoader over CPU tensors, each batch copied to the device.
     loader = DataLoader(TensorDataset(train["noisy"].cpu(), train["clean"].cpu()),
@@ -90,7 +92,7 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
         for noisy, clean in loader:
             noisy, clean = noisy.to(device), clean.to(device)
             with autocast(device, one_epoch.precision):  # the same precision as ours
-                loss = reconstruction_loss(model, (noisy, clean))
+                loss = torch.mean((model(noisy).float() - clean) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,8 +100,9 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
     # Warm-up (kernels, allocator), then the two loops in turn, `repeats` epochs each: one
     # epoch of each is not enough on a shared machine, where a single epoch's time can vary by
     # a third; the median of interleaved runs is.
-    fit(fresh_model(), reconstruction_loss, (train["noisy"][:2048], train["clean"][:2048]), tiny_val,
-        one_epoch, seed=0, desc="warm-up")
+    fit(TiedAutoencoder.stacked([fresh_model()]), reconstruction_loss,
+        (shared(train["noisy"][:2048], 1), shared(train["clean"][:2048], 1)), tiny_val, one_epoch, seeds=[0],
+        desc=["warm-up"], progress=False)
     times = {"ours": [], "baseline": []}
     for _ in range(repeats):
         times["ours"].append(seconds_of(our_epoch, device))
@@ -112,6 +115,65 @@ def train_step_flops(sizes: list[int]) -> int:
     """FLOPs of one training image through a tied autoencoder: each weight matrix is used twice
     (encoder and decoder), 2 FLOPs per weight forward and about 4 backward."""
     return 12 * sum(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
+def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int = 10) -> list[dict]:
+    """Images/s of M stacked 8+8 members, in all and per member: the fine-tuning step of
+    dae.train (batch gather, fresh noise, forward, backward, Adam) at params.yaml's batch size and
+    precision, the median step of `steps` after 3 warm-up steps."""
+    import torch
+
+    from dae.model import TiedAutoencoder
+    from dae.noise import corrupt
+    from dae.params import model_arch
+    from dae.train import make_optimizer, reconstruction_loss, shared, training_step
+    from stages.common import fit_config
+
+    config = fit_config(params, "finetune", "random_ft")
+    noise = params["noise"]
+    images = torch.rand(4096, 784, device=device)  # the step's cost does not depend on the pixels
+
+    def augment(batch, generators):
+        return torch.stack([corrupt(batch[0][i], noise["type"], noise["level"], g)
+                            for i, g in enumerate(generators)]), batch[0]
+
+    curve = []
+    for members in sizes:
+        models = []
+        for seed in range(members):
+            model = TiedAutoencoder.from_arch(model_arch(params, "random_ft"))
+            model.reset_parameters(params["finetune"]["init_gain"], torch.Generator().manual_seed(seed))
+            models.append(model.to(device))
+        stack = TiedAutoencoder.stacked(models)
+        optimizer = make_optimizer(stack, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        generators = [torch.Generator(device).manual_seed(seed) for seed in range(members)]
+        step = training_step(stack, reconstruction_loss, optimizer, scheduler, (shared(images, members),),
+                             config.precision, augment, generators)
+        idx = torch.randint(0, len(images), (members, config.batch_size), device=device)
+        for _ in range(3):
+            step(idx)
+        seconds = statistics.median(seconds_of(lambda: step(idx), device) for _ in range(steps))
+        total = members * config.batch_size / seconds
+        curve.append({"members": members, "images_per_s": round(total, 1),
+                      "images_per_s_per_member": round(total / members, 1), "step_ms": round(seconds * 1e3, 2)})
+        print(f"{members:3d} stacked members: {total:9,.0f} images/s in all, {total / members:8,.0f} per member "
+              f"({seconds * 1e3:.1f} ms a step)", flush=True)
+        del stack, optimizer, models
+    return curve
+
+
+def startup_seconds(repeats: int = 3) -> float:
+    """Median wall time of a fresh interpreter importing what a training stage imports before it
+    trains (torch, MLflow, the dae modules): the floor of every stage's start-up."""
+    code = ("import torch, mlflow, dae.train, dae.model, dae.evaluate, dae.tracking, stages.common; "
+            "from mlflow.tracking.context.registry import resolve_tags")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def matmul_gflops(device, dtype_name: str = "float32", size: int | None = None, repeats: int = 10) -> float:
@@ -150,15 +212,12 @@ def tree_rss_mb(root_pid: int) -> float:
 
 def timed_repro(cwd: Path, label: str) -> dict:
     """`dvc repro --force` in `cwd`, its output passed through; wall seconds, seconds per stage
-    (from one "Running stage" line to the next), the span of each model's log lines inside the
-    finetune stage (its models run side by side: the first to the last line of
-    `finetune@MODEL:`) and the peak resident memory of all its processes together (a stage's
-    seed workers run at once), sampled every half second."""
+    (from one "Running stage" line to the next) and the peak resident memory of all its
+    processes together, sampled every half second."""
     import threading
 
     print(f"--- {label}: dvc repro --force in {cwd}", flush=True)
     starts: list[tuple[str, float]] = []
-    spans: dict[str, list[float]] = {}
     start = time.perf_counter()
     # The stages' `python` is this interpreter's, as in an activated venv.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -177,10 +236,6 @@ def timed_repro(cwd: Path, label: str) -> dict:
             found = re.match(r"Running stage '([^']+)'", line)
             if found:
                 starts.append((found.group(1), time.perf_counter()))
-            model = re.match(r"\d\d:\d\d:\d\d (finetune@\w+): ", line)
-            if model:
-                now = time.perf_counter()
-                spans.setdefault(model.group(1), [now, now])[1] = now
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: dvc repro failed (exit {proc.returncode})")
@@ -188,22 +243,16 @@ def timed_repro(cwd: Path, label: str) -> dict:
     ends = [t for _, t in starts[1:]] + [end]
     stages = {name: round(stop - begin, 1) for (name, begin), stop in zip(starts, ends)}
     print(f"--- {label}: {end - start:.0f} s, peak memory of all its processes {peak['mb']:.0f} MB", flush=True)
-    models = {name: round(span[-1] - span[0], 1) for name, span in spans.items()}
-    return {"seconds": round(end - start, 1), "stage_seconds": stages, "finetune_model_seconds": models,
-            "peak_rss_total_mb": round(peak["mb"], 1)}
+    return {"seconds": round(end - start, 1), "stage_seconds": stages, "peak_rss_total_mb": round(peak["mb"], 1)}
 
 
-def one_seed_repro(rev: str, label: str) -> dict:
-    """`dvc repro --force` of commit `rev` with `seeds: [0]`, in a fresh git worktree."""
+def previous_repro(rev: str) -> dict:
+    """`dvc repro --force` of commit `rev`, as committed, in a fresh git worktree."""
     work = Path(tempfile.mkdtemp(prefix="dae-bench-"))
     tree = work / "repo"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=ROOT, check=True)
     try:
-        params_file = tree / "params.yaml"
-        params = yaml.safe_load(params_file.read_text())
-        params["seeds"] = [0]
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        result = timed_repro(tree, label)
+        result = timed_repro(tree, f"previous ({rev})")
         result["commit"] = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
                                           capture_output=True, text=True).stdout.strip()
         return result
@@ -241,17 +290,12 @@ def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python bench/benchmark.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-repro", action="store_true", help="only the epoch and matmul figures")
-    parser.add_argument("--previous", metavar="REV", help="also time this commit's recipe on one seed")
-    parser.add_argument("--no-one-seed", action="store_true",
-                        help="skip the one-seed repro of HEAD; keep the last measured one-seed figures")
-    parser.add_argument("--one-seed-note", default="",
-                        help="with --no-one-seed: why the kept one-seed figures still hold")
-    parser.add_argument("--skip-full", action="store_true",
-                        help="skip the three-seed repro of this workspace; keep the last full run's figures")
+    parser.add_argument("--skip-repro", action="store_true", help="only the epoch, scaling and matmul figures")
+    parser.add_argument("--previous", metavar="REV", help="also time this commit's dvc repro --force, just before")
     parser.add_argument("--previous-seconds", type=float, metavar="S",
-                        help="instead of --previous: the previous recipe's one-seed time, measured earlier "
-                             "on this machine (say when and how with --previous-note)")
+                        help="instead of --previous: that commit's repro time, measured earlier on this machine "
+                             "(say when and how with --previous-note)")
+    parser.add_argument("--previous-commit", default="", help="with --previous-seconds: the commit it timed")
     parser.add_argument("--previous-note", default="", help="where --previous-seconds comes from")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each loop (median)")
     parser.add_argument("--out", default="reports/benchmark.json")
@@ -269,69 +313,41 @@ def main() -> None:
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}")
     rates = {dtype: matmul_gflops(device, dtype) for dtype in ("float32", "bfloat16")}
-    result: dict = {"device": name, "seed_workers": os.environ.get("DAE_SEED_WORKERS", "auto"),
-                    "matmul_gflop_per_s": round(rates["float32"], 1),
+    result: dict = {"device": name, "matmul_gflop_per_s": round(rates["float32"], 1),
                     "matmul_bf16_gflop_per_s": round(rates["bfloat16"], 1)}
     print(f"dense matmul: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
-
     out = ROOT / args.out
-    if args.skip_repro:  # the epoch figures only; keep the slow figures of the last full run
-        result |= epoch_figures(params, device, args.repeats, rates)
-        if out.exists():
-            result = json.loads(out.read_text()) | result
-        write_json(out, result)
-        print(f"wrote {out}")
-        return
 
-    env_note = os.environ.get("DAE_DATA_MIRROR", "the public mirrors")
-    print(f"data from {env_note}")
-    if args.skip_full and out.exists():
-        # Keep the last full run's figures, the matmul rates beside its time included; this run's
-        # rates go beside the one-seed times.
-        result = json.loads(out.read_text()) | {
-            "one_seed_matmul_gflop_per_s": result["matmul_gflop_per_s"],
-            "one_seed_matmul_bf16_gflop_per_s": result["matmul_bf16_gflop_per_s"]}
-    if args.previous:
-        prev = one_seed_repro(args.previous, f"previous recipe ({args.previous}), one seed")
-        result.pop("previous_note", None)  # it described an earlier measurement
-        result |= {"previous_commit": prev["commit"], "previous_one_seed_seconds": prev["seconds"],
-                   "previous_one_seed_stage_seconds": prev["stage_seconds"]}
-    if not args.no_one_seed:
-        current = one_seed_repro("HEAD", "this recipe (HEAD), one seed")
-        result |= {"one_seed_seconds": current["seconds"], "one_seed_stage_seconds": current["stage_seconds"],
-                   "one_seed_finetune_model_seconds": current["finetune_model_seconds"]}
-    if args.no_one_seed and not args.previous and out.exists():
-        # Keep the last measured one-seed figures (and the speed-up computed from them), marked as such.
-        last = json.loads(out.read_text())
-        result |= {k: v for k, v in last.items()
-                   if k.startswith(("one_seed", "previous")) or k == "speedup_vs_previous"}
-        result["one_seed_note"] = args.one_seed_note or "carried over from the last run that measured them"
-    if args.previous_seconds:
-        result |= {"previous_one_seed_seconds": args.previous_seconds, "previous_note": args.previous_note}
-    if "previous_one_seed_seconds" in result and not args.no_one_seed:
-        result["speedup_vs_previous"] = round(result["previous_one_seed_seconds"] / current["seconds"], 2)
-        print(f"one seed: previous {result['previous_one_seed_seconds']:.0f} s, this recipe "
-              f"{current['seconds']:.0f} s: {result['speedup_vs_previous']:.2f}x faster")
-
-    if args.skip_full:
-        result["one_seed_matmul_gflop_per_s_after"] = round(matmul_gflops(device), 1)
-        write_json(out, result)
-        print(f"wrote {out}")
-        return
-
-    full = timed_repro(ROOT, f"{len(params['seeds'])} seeds")
-    # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
-    result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
-               "finetune_model_seconds": full["finetune_model_seconds"],
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-               "peak_rss_total_mb": full["peak_rss_total_mb"],
-               "seeds": len(params["seeds"]),
-               "matmul_gflop_per_s_after": round(matmul_gflops(device), 1)}
-    print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB (largest process), {result['peak_rss_total_mb']:.0f} MB "
-          "(all processes together); float32 matmul now "
-          f"{result['matmul_gflop_per_s_after']:.0f} GFLOP/s (at the start {rates['float32']:.0f})")
+    if not args.skip_repro:
+        print(f"data from {os.environ.get('DAE_DATA_MIRROR', 'the public mirrors')}")
+        if args.previous:
+            prev = previous_repro(args.previous)
+            result |= {"previous_commit": prev["commit"], "previous_repro_seconds": prev["seconds"],
+                       "previous_stage_seconds": prev["stage_seconds"],
+                       "previous_peak_rss_total_mb": prev["peak_rss_total_mb"]}
+        elif args.previous_seconds:
+            result |= {"previous_commit": args.previous_commit, "previous_repro_seconds": args.previous_seconds,
+                       "previous_note": args.previous_note}
+        full = timed_repro(ROOT, f"{len(params['seeds'])} seeds")
+        # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
+        result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+                   "peak_rss_total_mb": full["peak_rss_total_mb"], "seeds": len(params["seeds"]),
+                   "matmul_gflop_per_s_after": round(matmul_gflops(device), 1)}
+        print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB (largest process), {result['peak_rss_total_mb']:.0f} MB "
+              f"(all processes together); float32 matmul now {result['matmul_gflop_per_s_after']:.0f} GFLOP/s "
+              f"(at the start {rates['float32']:.0f})")
+        if "previous_repro_seconds" in result:
+            result["speedup_vs_previous"] = round(result["previous_repro_seconds"] / full["seconds"], 2)
+            print(f"previous {result['previous_repro_seconds']:.0f} s, now {full['seconds']:.0f} s: "
+                  f"{result['speedup_vs_previous']:.2f}x")
+    elif out.exists():  # keep the slow figures of the last full run
+        result = json.loads(out.read_text()) | result
     result |= epoch_figures(params, device, args.repeats, rates)  # data/noisy exists now
+    result["scaling"] = scaling_curve(params, device)
+    result["stage_import_seconds"] = round(startup_seconds(), 2)
+    print(f"stage start-up (imports): {result['stage_import_seconds']:.2f} s")
     write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")
 

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dae.params import DEEP_LAYERS, MODELS, TRAINED_MODELS  # noqa: E402
+from dae.report import BASELINES  # noqa: E402
 
-TRACKED_STAGES = ([f"pretrain_layer@{k}" for k in range(1, DEEP_LAYERS + 1)]
-                  + [f"finetune@{m}" for m in MODELS] + ["evaluate", "figures"])
+TRACKED_STAGES = [f"pretrain_layer@{k}" for k in range(1, DEEP_LAYERS + 1)] + ["finetune", "evaluate", "figures"]
 EPOCH_KEYS = ("epoch", "train_loss", "val_loss", "lr")          # fit()'s per-epoch row
 CLASSIFIER_KEYS = ("classifier_train_loss", "classifier_val_loss", "classifier_lr")
 TEST_METRICS = ("mse", "mse_noisy", "accuracy", "accuracy_noisy")
@@ -171,22 +171,22 @@ def expected_items(params: dict) -> Counter:
         for key in ("best_val_loss", "best_epoch"):
             want[("metric", stage, key)] += seeds
         want[("artifact", stage)] += 1                                  # the loss curve
+    stage = "finetune"  # one nested run per model and seed
     for model in MODELS:
-        stage = f"finetune@{model}"
         want[("run", stage, "seed")] += seeds
-        want[("artifact", stage)] += 1
+        want[("artifact", stage)] += 1                                  # the model's loss curve
         if model in TRAINED_MODELS:
             for key in EPOCH_KEYS:
                 want[("metric", stage, key)] += seeds * epochs_of(params["finetune"], model)
-            want[("metric", stage, "best_epoch")] += seeds
-        want[("metric", stage, "best_val_loss")] += seeds
+        for key in ("best_val_loss", "best_epoch"):                     # greedy's: epoch 0
+            want[("metric", stage, key)] += seeds
     want[("run", "evaluate", "seed")] += len(MODELS) * seeds
     for key in CLASSIFIER_KEYS:
         want[("metric", "evaluate", key)] += len(MODELS) * seeds * params["classifier"]["epochs"]
     for key in TEST_METRICS:
         # logged on the seed's run, and attached to its logged model (log_metrics(model_id=...))
         want[("metric", "evaluate", key)] += 2 * len(MODELS) * seeds
-        for model in MODELS:
+        for model in [*MODELS, *BASELINES]:  # the baselines' rows: on the stage run only
             for stat in SUMMARY_STATS:
                 want[("metric", "evaluate", f"{model}.{key}{stat}")] += 1
     want[("artifact", "evaluate")] += 3                                 # metrics.json, results.*
@@ -210,6 +210,8 @@ def found_items(client, experiment_id: str, exp_name: str) -> tuple[Counter, lis
         if run.info.status != "FINISHED":
             unfinished.append(f"{stage} {run.info.run_name}: {run.info.status}")
         for key in run.data.metrics:
+            if key.startswith("system/"):  # MLflow's samples of CPU and memory: as many as the run lasted
+                continue
             history = client.get_metric_history(run.info.run_id, key)
             got[("metric", stage, key)] += len(history)
         if not nested:
@@ -228,6 +230,11 @@ def found_items(client, experiment_id: str, exp_name: str) -> tuple[Counter, lis
             if version.tags.get("dvc_exp_name") == exp_name:
                 got[("model_version", "evaluate")] += 1
     return got, unfinished
+
+
+def expected_runs(params: dict) -> int:
+    """How many MLflow runs one pipeline execution with these params makes."""
+    return sum(n for item, n in expected_items(params).items() if item[0] == "run")
 
 
 @dataclass

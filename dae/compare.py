@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dae.report import LABELS, METRICS
+from dae.report import METRICS, ROW_LABELS
 
 
 def _evaluate_run(client, experiment_ids: list[str], key: str):
@@ -60,7 +60,7 @@ def collect(keys: list[str], experiment: str) -> pd.DataFrame:
                 params.update(stage_run.data.params)
         row = {"experiment": key, "pipeline_id": pipeline_id}
         row |= {f"param {k}": v for k, v in sorted(params.items())}
-        row |= {f"{m}.{metric}": run.data.metrics.get(f"{m}.{metric}") for m in LABELS for metric in METRICS}
+        row |= {f"{m}.{metric}": run.data.metrics.get(f"{m}.{metric}") for m in ROW_LABELS for metric in METRICS}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -96,8 +96,9 @@ def plot(frame: pd.DataFrame, x: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, ("mse", "mse_noisy", "accuracy")):
         scale = 100 if metric == "accuracy" else 1
-        for model, label in LABELS.items():
-            ax.plot(data["_x"], scale * data[f"{model}.{metric}"], marker="o", label=label)
+        for model, label in ROW_LABELS.items():
+            values = pd.to_numeric(data[f"{model}.{metric}"])  # None (NaN): a run from before that row existed
+            ax.plot(data["_x"], scale * values, marker="o", label=label)
         ax.set_xlabel(x)
         ax.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
         ax.grid(alpha=0.3)

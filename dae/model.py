@@ -8,6 +8,11 @@ be linear (as in Hinton & Salakhutdinov 2006).
 While training inside `centered`, each layer subtracts a fixed offset, the mean of its input,
 before its matrix product (the centring trick); the biases absorb it, so the model computes the
 same function and is saved in the plain form above.
+
+`TiedAutoencoder.stacked(models)` trains M models of one architecture as one module: every
+parameter gets a leading member dimension (weights [M, out, in]), inputs are [M, batch, in] and
+each matrix product is one batched `baddbmm`, so M members cost the kernel launches of one.
+`unstacked()` gives the plain models back; files and serving only ever see plain models.
 """
 from __future__ import annotations
 
@@ -23,6 +28,13 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 INVERSES = {"sigmoid": (torch.logit, (1e-3, 1 - 1e-3)), "tanh": (torch.atanh, (-0.999, 0.999))}
 # What each layer may apply: the hidden activations, plus the identity of a linear code layer.
 LAYER_FUNCTIONS = ACTIVATIONS | {"linear": lambda x: x}
+
+
+def affine(bias: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weight + bias; per member (one batched product) when the weight is stacked [M, n, m]."""
+    if weight.dim() == 3:
+        return torch.baddbmm(bias.unsqueeze(1), h, weight)
+    return torch.addmm(bias, h, weight)
 
 
 class TiedAutoencoder(nn.Module):
@@ -48,6 +60,7 @@ class TiedAutoencoder(nn.Module):
         self.dec_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_in)) for n_in, _ in pairs)
         # Inside `centered`: the mean input of every layer (the image, then each encoder output).
         self._offsets: list[torch.Tensor] | None = None
+        self.members = 0  # 0: a plain model; M: M stacked members (see `stacked`)
         self.reset_parameters()
 
     @property
@@ -104,11 +117,12 @@ class TiedAutoencoder(nn.Module):
         if self._offsets is not None:
             raise RuntimeError("the model is already centred")
         with torch.no_grad():
-            h, offsets = inputs, [inputs.mean(0)]
+            # A stacked model: every member's means over the same images ([N, in] broadcast).
+            h = inputs.expand(self.members, *inputs.shape) if self.members and inputs.dim() == 2 else inputs
+            offsets = [h.mean(-2, keepdim=True)]  # [1, in], or [M, 1, in] stacked
             for k in range(self.depth):
-                h = LAYER_FUNCTIONS[self._encoder_activation(k)](
-                    torch.addmm(self.enc_biases[k], h, self.weights[k].t()))
-                offsets.append(h.mean(0))
+                h = LAYER_FUNCTIONS[self._encoder_activation(k)](affine(self.enc_biases[k], h, self.weights[k].mT))
+                offsets.append(h.mean(-2, keepdim=True))
             self._shift_biases(offsets, +1)
         self._offsets = offsets
         try:
@@ -119,9 +133,9 @@ class TiedAutoencoder(nn.Module):
                 self._shift_biases(offsets, -1)
 
     def _shift_biases(self, offsets: list[torch.Tensor], sign: int) -> None:
-        for k, w in enumerate(self.weights):
-            self.enc_biases[k].add_(offsets[k] @ w.t(), alpha=sign)
-            self.dec_biases[k].add_(offsets[k + 1] @ w, alpha=sign)
+        for k, w in enumerate(self.weights):  # (a vector, or one per member, times its matrix)
+            self.enc_biases[k].add_((offsets[k] @ w.mT).squeeze(-2), alpha=sign)
+            self.dec_biases[k].add_((offsets[k + 1] @ w).squeeze(-2), alpha=sign)
 
     # The layer rules, in one place for encode, decode and center_biases.
     def _encoder_activation(self, k: int) -> str:
@@ -137,7 +151,7 @@ class TiedAutoencoder(nn.Module):
         for k, (w, b) in enumerate(zip(self.weights, self.enc_biases)):
             if self._offsets is not None:
                 h = h - self._offsets[k]
-            h = LAYER_FUNCTIONS[self._encoder_activation(k)](torch.addmm(b, h, w.t()))
+            h = LAYER_FUNCTIONS[self._encoder_activation(k)](affine(b, h, w.mT))
         return h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -145,12 +159,37 @@ class TiedAutoencoder(nn.Module):
         for k in reversed(range(self.depth)):
             if self._offsets is not None:
                 h = h - self._offsets[k + 1]
-            pre = torch.addmm(self.dec_biases[k], h, self.weights[k])
+            pre = affine(self.dec_biases[k], h, self.weights[k])
             h = LAYER_FUNCTIONS[self._decoder_activation(k)](pre)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+    @classmethod
+    def stacked(cls, models: list["TiedAutoencoder"]) -> "TiedAutoencoder":
+        """M plain models of one architecture as one stacked model (copies of their parameters)."""
+        archs = [model.arch() for model in models]
+        if not models or any(arch != archs[0] for arch in archs) or any(m.members for m in models):
+            raise ValueError(f"can only stack plain models of one architecture, got {archs}")
+        stack = cls.from_arch(archs[0])
+        stack.members = len(models)
+        with torch.no_grad():
+            for name in ("weights", "enc_biases", "dec_biases"):
+                for k, param in enumerate(getattr(stack, name)):
+                    param.data = torch.stack([getattr(m, name)[k].detach() for m in models]).to(param.device)
+        return stack.to(models[0].weights[0].device)
+
+    def unstacked(self) -> list["TiedAutoencoder"]:
+        """The members of a stacked model as plain models (copies), on the CPU."""
+        if not self.members:
+            raise ValueError("not a stacked model")
+        plain = []
+        for i in range(self.members):
+            model = TiedAutoencoder.from_arch(self.arch())
+            model.load_state_dict({key: value[i].detach().cpu().clone() for key, value in self.state_dict().items()})
+            plain.append(model)
+        return plain
 
     def arch(self) -> dict:
         return {"sizes": self.sizes, "linear_code": self.linear_code, "activation": self.activation,

@@ -9,6 +9,12 @@ DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 DATASET_ITEMS = {"mnist": "digit", "fashion-mnist": "garment"}
 LABELS = {"shallow": "1+1", "greedy": "8+8 greedy", "random_ft": "8+8 random + FT",
           "greedy_ft": "8+8 greedy + FT"}
+# The baseline rows below the slide's models (metrics.json key `pca`).
+BASELINES = {"pca": "PCA (linear)"}
+ROW_LABELS = LABELS | BASELINES
+PIXELS = 784
+# Hinton & Salakhutdinov 2006, Fig. 2B: test squared error per image, 30-d codes, no noise.
+HINTON_2006 = {"deep autoencoder": 3.00, "logistic PCA": 8.01, "PCA": 13.87}
 # The published slide "Deep Denoising Autoencoder for MNIST" (accuracy as a fraction).
 SLIDE = {"shallow": {"mse": 0.026, "mse_noisy": 0.025, "accuracy": 0.953},
          "greedy": {"mse": 0.056, "mse_noisy": 0.048, "accuracy": 0.972},
@@ -18,8 +24,12 @@ DEFINITIONS = (
     "Definitions ({n_test} {dataset} test images, pixels in [0, 1]): MSE = mean over images of ‖x − AE(x)‖²/784; "
     "MSE noisy = the same with AE(x̃), x̃ the fixed noisy test copy; accuracy = an MLP trained on "
     "the frozen encoder codes of the clean training images, tested on the clean test codes "
-    "(accuracy noisy: on the codes of x̃). Models were selected on a {n_val}-image validation "
-    "split held out of the training set; the test set was used for nothing else.")
+    "(accuracy noisy: on the codes of x̃); SE/image = MSE × 784, the squared error per image. PCA = "
+    "the linear code of the same size, fit on the clean training images. Models were selected on a "
+    "{n_val}-image validation split held out of the training set; the test set was used for nothing else.")
+CLASSIC = ("For scale: Hinton & Salakhutdinov (2006, Fig. 2B) report a test squared error per image of "
+           + ", ".join(f"{v:.2f} ({k})" for k, v in HINTON_2006.items())
+           + " on MNIST; their codes are 30-d and their inputs clean, ours {dim}-d and trained from noisy inputs.")
 
 
 def summarize(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -42,12 +52,13 @@ def meets(metric: str, ours: float, slide: float) -> bool:
 def table_rows(summary: dict[str, dict[str, float]], with_slide: bool = True) -> list[dict]:
     rows = []
     for model, row in summary.items():
-        out = {"model": model, "label": LABELS[model]}
+        out = {"model": model, "label": ROW_LABELS[model]}
         for metric in METRICS:
             out[metric], out[f"{metric}_std"] = row[metric], row[f"{metric}_std"]
-            if with_slide and metric in SLIDE[model]:
+            if with_slide and metric in SLIDE.get(model, {}):
                 out[f"{metric}_slide"] = SLIDE[model][metric]
                 out[f"{metric}_meets_slide"] = meets(metric, row[metric], SLIDE[model][metric])
+        out["se_per_image"] = PIXELS * row["mse"]
         rows.append(out)
     return rows
 
@@ -61,7 +72,7 @@ def _fmt(metric: str, mean: float, std: float) -> str:
 
 
 def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = "mnist",
-             n_test: int = 10000, n_val: int = 5000) -> str:
+             n_test: int = 10000, n_val: int = 5000, code_dim: int = 32) -> str:
     """The slide's table with our numbers beside it; ✓ where ours is at least as good.
 
     The slide is about MNIST: for any other dataset the table shows our numbers only."""
@@ -69,24 +80,30 @@ def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = 
     if dataset != "mnist":
         lines = [f"# Results: deep denoising autoencoders on {DATASET_TITLES[dataset]}", "",
                  f"Mean ± std over {n_seeds} seed(s). The slide has no numbers for this dataset.", "",
-                 "| model | MSE | MSE noisy | accuracy | accuracy noisy |", "|---|---|---|---|---|"]
+                 "| model | MSE | SE/image | MSE noisy | accuracy | accuracy noisy |", "|---|---|---|---|---|---|"]
         for row in table_rows(summary, with_slide=False):
-            lines.append("| " + " | ".join([row["label"]] + [_fmt(m, row[m], row[f"{m}_std"]) for m in METRICS]) + " |")
+            cells = [_fmt(m, row[m], row[f"{m}_std"]) for m in METRICS]
+            lines.append("| " + " | ".join([row["label"], cells[0], f"{row['se_per_image']:.2f}"] + cells[1:]) + " |")
         return "\n".join(lines + ["", definitions, ""])
     lines = [f"# Results: deep denoising autoencoders on {DATASET_TITLES[dataset]}", "",
              f"Ours: mean ± std over {n_seeds} seed(s). Slide: the published table. "
              "✓ = ours at least as good as the slide (MSE lower or equal, accuracy higher or equal).", "",
-             "| model | MSE (ours) | MSE (slide) | MSE noisy (ours) | MSE noisy (slide) "
+             "| model | MSE (ours) | MSE (slide) | SE/image (ours) | MSE noisy (ours) | MSE noisy (slide) "
              "| accuracy (ours) | accuracy (slide) | accuracy noisy (ours) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table_rows(summary):
         cells = [row["label"]]
         for metric in ("mse", "mse_noisy", "accuracy"):
-            mark = " ✓" if row[f"{metric}_meets_slide"] else " ✗"
-            slide = row[f"{metric}_slide"]
-            cells += [_fmt(metric, row[metric], row[f"{metric}_std"]) + mark,
-                      f"{100 * slide:.1f} %" if metric == "accuracy" else f"{slide:.3f}"]
+            ours = _fmt(metric, row[metric], row[f"{metric}_std"])
+            if f"{metric}_slide" in row:  # a slide model; the baselines have no slide cell
+                slide = row[f"{metric}_slide"]
+                cells += [ours + (" ✓" if row[f"{metric}_meets_slide"] else " ✗"),
+                          f"{100 * slide:.1f} %" if metric == "accuracy" else f"{slide:.3f}"]
+            else:
+                cells += [ours, "—"]
+            if metric == "mse":
+                cells.append(f"{row['se_per_image']:.2f}")
         cells.append(_fmt("accuracy", row["accuracy_noisy"], row["accuracy_noisy_std"]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", definitions, ""]
+    lines += ["", definitions, "", CLASSIC.format(dim=code_dim), ""]
     return "\n".join(lines)

@@ -8,8 +8,9 @@ one seed as its artifact and `dae/model.py` beside it, copied as `dae_tied_autoe
     model.predict(images)                                  # reconstructions, [n, 784]
     model.predict(images, params={"output": "code"})       # bottleneck codes, [n, 32]
 
-`images`: float32 [n, 784], flattened 28x28 images with pixels in [0, 1] (noisy ones may lie
-outside). Anything else is refused with a message that says what was expected (HTTP 400 when
+`images`: float32 [n, 784], flattened 28x28 images with pixels in [0, 1]; noisy ones may lie
+outside, within PIXEL_RANGE. At most MAX_BATCH images a call. Anything else is refused, before
+any work, with a message that says what was expected and does not echo the input (HTTP 400 when
 served).
 """
 from __future__ import annotations
@@ -26,6 +27,11 @@ except ImportError:  # in the repository (the evaluate stage checks the model as
     from dae.model import TiedAutoencoder
 
 INPUT_WIDTH = 784
+# Clean pixels are in [0, 1]; the pipeline's noisy inputs (unclipped Gaussian noise, σ = 0.3)
+# stay within this band by more than 6σ. A value outside is not an image of this model.
+PIXEL_RANGE = (-2.0, 3.0)
+# The largest batch one call answers (~31 MB of float32 in, as much out): bigger ones are split by the caller.
+MAX_BATCH = 10_000
 OUTPUTS = ("reconstruction", "code")
 WEIGHTS = "weights"  # the artifact's key: a torch file {"arch": ..., "state_dict": ...}
 
@@ -47,10 +53,18 @@ def as_batch(model_input) -> np.ndarray:
                       f"got shape {batch.shape}")
     if batch.shape[0] == 0:
         raise _refuse(f"empty batch: send at least one image of {INPUT_WIDTH} values")
+    if batch.shape[0] > MAX_BATCH:
+        raise _refuse(f"batch of {batch.shape[0]} images is over the limit of {MAX_BATCH}: send it in parts")
     bad = ~np.isfinite(batch)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise _refuse(f"image {row} holds NaN or infinite values; expected finite pixels in [0, 1]")
+    lo, hi = PIXEL_RANGE
+    outside = (batch < lo) | (batch > hi)
+    if outside.any():
+        row = int(np.argwhere(outside)[0][0])
+        raise _refuse(f"image {row} has pixels outside [{lo:g}, {hi:g}]; expected pixels in [0, 1] "
+                      "(noisy images may stray a little outside)")
     return batch
 
 

@@ -222,14 +222,15 @@ class StageRun:
             with self._store():
                 self._mlflow.set_tags(tags)
 
-    def run_that_wrote(self, path: Path) -> str | None:
-        """The id of the newest stage run that wrote this exact file (its `output_md5` tag): the
-        run that trained a model, even when DVC restored the file from its cache."""
+    def run_that_wrote(self, path: Path, seed: int) -> str | None:
+        """The id of the newest run that trained seed `seed` of this exact file (the member run
+        with its `output_md5` tag), even when DVC restored the file from its cache."""
         if not self._mlflow:
             return None
         md5 = file_md5(path)
         with self._store():
-            runs = self._mlflow.search_runs([self._experiment_id], f"tags.output_md5 = '{md5}'",
+            runs = self._mlflow.search_runs([self._experiment_id],
+                                            f"tags.output_md5 = '{md5}' and tags.seed = '{seed}'",
                                             order_by=["attributes.start_time DESC"], max_results=1,
                                             output_format="list")
         return runs[0].info.run_id if runs else None
@@ -309,11 +310,12 @@ class StageRun:
             yield self
 
     @contextmanager
-    def seed_runs(self, name: str) -> Iterator["SeedRuns"]:
-        """Nested runs for seeds that train at the same time (dae.parallel), each opened with
-        `start(seed)`, logged to with `log(seed, ...)` and closed with `finish(seed)`; when the
-        block raises, the runs still open are marked FAILED (KILLED if interrupted)."""
-        runs = SeedRuns(self, name)
+    def member_runs(self) -> Iterator["MemberRuns"]:
+        """Nested runs for the members that one stage trains at the same time (its seeds, or
+        several models' seeds), each opened with `start(name, tags)`, logged to with
+        `log(name, ...)` and closed with `finish(name)`; when the block raises, the runs still
+        open are marked FAILED (KILLED if interrupted)."""
+        runs = MemberRuns(self)
         try:
             yield runs
         except BaseException:
@@ -321,49 +323,61 @@ class StageRun:
             raise
 
 
-class SeedRuns:
-    """The per-seed runs of one stage run, addressed by seed (see StageRun.seed_runs); no-ops
-    when tracking is disabled."""
+class MemberRuns:
+    """The nested runs of one stage run's members, addressed by run name (see
+    StageRun.member_runs); no-ops when tracking is disabled."""
 
-    def __init__(self, stage_run: StageRun, name: str) -> None:
-        self._stage_run, self._name = stage_run, name
-        self._open: dict[int, str] = {}  # seed -> run id
+    def __init__(self, stage_run: StageRun) -> None:
+        self._stage_run = stage_run
+        self._open: dict[str, str] = {}  # run name -> run id
 
-    def start(self, seed: int) -> None:
+    def start(self, name: str, seed: int, tags: dict[str, str] | None = None) -> str:
+        """Open the run `name` of one member (seed `seed`); returns `name`, its key here."""
         mlflow = self._stage_run._mlflow
         if not mlflow:
-            return
+            return name
         from mlflow.tracking.context.registry import resolve_tags
 
-        tags = self._stage_run.seed_tags(seed) | {"mlflow.parentRunId": mlflow.active_run().info.run_id}
+        tags = (self._stage_run.seed_tags(seed) | (tags or {})
+                | {"mlflow.parentRunId": mlflow.active_run().info.run_id})
         with self._stage_run._store():
             run = mlflow.MlflowClient().create_run(
-                self._stage_run._experiment_id, tags=resolve_tags(tags), run_name=f"{self._name} seed {seed}")
-        self._open[seed] = run.info.run_id
+                self._stage_run._experiment_id, tags=resolve_tags(tags), run_name=name)
+        self._open[name] = run.info.run_id
+        return name
 
-    def log(self, seed: int, metrics: dict[str, float], step: int | None = None) -> None:
+    def log(self, name: str, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow = self._stage_run._mlflow
-        if mlflow and seed in self._open:
+        if mlflow and name in self._open:
             with self._stage_run._store():
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step,
-                                   run_id=self._open[seed])
+                                   run_id=self._open[name])
 
-    def finish(self, seed: int, status: str = "FINISHED") -> None:
+    def epoch_logger(self, names: list[str]):
+        """An `on_epoch` for dae.train.fit: each member's epoch row to its run, at step = epoch."""
+        def on_epoch(rows: list[dict]) -> None:
+            for name, row in zip(names, rows):
+                self.log(name, row, step=row["epoch"])
+        return on_epoch
+
+    def finish(self, name: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         mlflow = self._stage_run._mlflow
-        if mlflow and seed in self._open:
+        if mlflow and name in self._open:
+            client = mlflow.MlflowClient()
             with self._stage_run._store():
-                mlflow.MlflowClient().set_terminated(self._open.pop(seed), status)
+                for key, value in (tags or {}).items():
+                    client.set_tag(self._open[name], key, value)
+                client.set_terminated(self._open.pop(name), status)
 
     def close_all(self, status: str) -> None:
         """Best effort: a store that is gone must not replace the stage's own error."""
         with _http_policy(STARTUP_RETRIES, STARTUP_TIMEOUT_S):
-            for seed in list(self._open):
+            for name in list(self._open):
                 try:
-                    self.finish(seed, status)
+                    self.finish(name, status)
                 except Exception:  # noqa: BLE001
-                    log.warning("MLflow: could not mark the run of seed %s %s (the store is unreachable)",
-                                seed, status)
-                    self._open.pop(seed, None)
+                    log.warning("MLflow: could not mark the run %s %s (the store is unreachable)", name, status)
+                    self._open.pop(name, None)
 
 
 def _refused(exc: Exception, experiment: str) -> str | None:
@@ -422,7 +436,8 @@ def stage_run(stage: str, params: dict[str, Any], params_file: str = "params.yam
     try:
         with _http_policy(STARTUP_RETRIES, STARTUP_TIMEOUT_S), _sqlite_init_lock(uri):
             experiment_id = _experiment_id(mlflow, name, location)
-            mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+            # System metrics (CPU, memory; GPU with nvidia-ml-py): the run's "System metrics" tab.
+            mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise TrackingError(_refused(exc, name) or (
             f"cannot use the MLflow tracking store {uri}: {type(exc).__name__}: {exc}\n"

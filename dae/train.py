@@ -1,7 +1,9 @@
 """The one fit loop: layer pretraining, fine-tuning and the classifiers all train through `fit`.
 
-The data set lives as tensors on the device; each epoch draws batches by a seeded index
-permutation, so there is no per-sample Python and no DataLoader.
+`fit` trains M stacked members at once (all seeds of a stage, or several models of one
+architecture): one batched computation per step instead of M small ones. The data set lives as
+tensors on the device; each epoch draws batches by seeded index permutations, so there is no
+per-sample Python and no DataLoader.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from dae.io import save_torch
 
 log = logging.getLogger(__name__)
 
+# A batch of every member ([M, B, ...] tensors) -> each member's mean loss [M].
 LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
-# Turns a training batch into a new one using a seeded generator on the data's device, e.g.
-# (clean,) -> (freshly corrupted, clean): every epoch sees new noise.
-Augment = Callable[[Sequence[torch.Tensor], torch.Generator], Sequence[torch.Tensor]]
+# Turns a training batch into a new one using each member's seeded generator on the data's
+# device, e.g. (clean,) -> (freshly corrupted, clean): every epoch sees new noise.
+Augment = Callable[[Sequence[torch.Tensor], list[torch.Generator]], Sequence[torch.Tensor]]
 # Entered around each epoch's training steps, e.g. the model's centring (TiedAutoencoder.centered).
 EpochContext = Callable[[], ContextManager[None]]
 
@@ -93,47 +96,96 @@ def make_optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
+def gather(tensors: Sequence[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
+    """Each member's rows `idx` [M, B] of per-member tensors [M, N, ...]: [M, B, ...] each."""
+    members = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+    return [t[members, idx] for t in tensors]
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Tensor],
-                  batch_size: int = 8192) -> float:
-    """Mean of `loss_fn` over the whole data set, in large batches."""
+                  batch_size: int = 8192) -> list[float]:
+    """Each member's mean of `loss_fn` over the whole data set ([M, N, ...] tensors), in large batches."""
     was_training = model.training
     model.eval()
-    n = tensors[0].shape[0]
-    total = 0.0
+    n = tensors[0].shape[1]
+    total = torch.zeros(tensors[0].shape[0], dtype=torch.float64, device=tensors[0].device)
     for start in range(0, n, batch_size):
-        batch = [t[start:start + batch_size] for t in tensors]
-        total += loss_fn(model, batch).item() * batch[0].shape[0]
+        batch = [t[:, start:start + batch_size] for t in tensors]
+        total += loss_fn(model, batch).double() * batch[0].shape[1]
     model.train(was_training)
-    return total / n
+    return (total / n).tolist()  # one device sync for all members
+
+
+def shared(tensor: torch.Tensor, members: int) -> torch.Tensor:
+    """One data set [N, ...] that every member trains on, as the [M, N, ...] that `fit` takes: a
+    view, not M copies."""
+    return tensor.expand(members, *tensor.shape)
+
+
+def training_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, train: Sequence[torch.Tensor], precision: str,
+                  augment: Augment | None = None, augment_generators: list[torch.Generator] | None = None,
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step of `fit`: every member's batch gather, noise, forward, backward and Adam update on
+    its rows `idx` [M, B]; returns the members' losses [M]. It reads nothing back to the host (no
+    `.item()`, no data-dependent shape; tests/test_train.py checks), so a GPU never waits on it."""
+    device = train[0].device
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        batch = gather(train, idx)
+        if augment is not None:
+            batch = augment(batch, augment_generators)
+        with autocast(device, precision):
+            losses = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        scheduler.step()
+        return losses.detach()
+
+    return step
 
 
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
-        config: FitConfig, *, seed: int, desc: str,
-        on_epoch: Callable[[dict], None] | None = None,
+        config: FitConfig, *, seeds: Sequence[int], desc: Sequence[str],
+        on_epoch: Callable[[list[dict]], None] | None = None,
         checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None,
-        epoch_context: EpochContext | None = None, progress: bool = True) -> FitResult:
-    """Train `model` in place with Adam; keep the parameters of the best validation epoch.
+        epoch_context: EpochContext | None = None, progress: bool = True) -> list[FitResult]:
+    """Train the M stacked members of `model` in place with Adam; keep each member's parameters
+    of its best validation epoch. Returns one FitResult per member.
 
-    `train` and `val` are tuples of tensors of equal length (e.g. (noisy, clean)), already on
-    the model's device; `loss_fn(model, batch)` turns one batch into a scalar loss; `augment`,
-    if given, rewrites each training batch first (validation batches are used as they are). If
-    `checkpoint` is given, the full training state is saved there after every epoch and, if
+    `model` holds M members (one per entry of `seeds` and `desc`) as parameters with a leading
+    member dimension (e.g. TiedAutoencoder.stacked); `loss_fn(model, batch)` returns the M
+    members' mean losses [M], and their sum is minimised, so each member gets its own gradient
+    (Adam is elementwise: a member's steps do not depend on the others). `train` and `val` are
+    tuples of tensors already on the model's device, each [M, N, ...]: one data set per member,
+    or `shared(tensor, M)` where they train on the same rows. Every member draws its own batches (a permutation
+    from its seed's generator) and, through `augment`, its own noise (a generator seeded
+    seed + 1), exactly as it would trained alone: M = 1 is the one-model case.
+    If `checkpoint` is given, the full training state is saved there after every epoch and, if
     the file exists when `fit` starts and carries the same `fingerprint` (what was being
     trained: params, initial weights, data), training resumes from it (bit-identical on CPU).
     `epoch_context`, if given, is entered around each epoch's training steps and left before
     validation, so what is validated, kept and checkpointed is the model outside it.
-    `progress`: draw a progress bar on a terminal (False in worker processes, dae.parallel).
+    `on_epoch(rows)` gets every member's {epoch, train_loss, val_loss, lr} after each epoch.
     """
-    n = train[0].shape[0]
+    members = len(seeds)
+    if len(desc) != members:
+        raise ValueError(f"{members} seeds but {len(desc)} descriptions")
+    for tensor in (*train, *val):
+        if tensor.shape[0] != members:
+            raise ValueError(f"data of shape {tuple(tensor.shape)} for {members} members: pass [M, N, ...] "
+                             "(dae.train.shared for one data set)")
+    n = train[0].shape[1]
     steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
-    # Index permutations come from a CPU generator: identical on every device.
-    generator = torch.Generator().manual_seed(seed)
     device = train[0].device
-    augment_generator = torch.Generator(device).manual_seed(seed + 1)
-    result = FitResult()
+    # Index permutations come from CPU generators: identical on every device.
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    augment_generators = [torch.Generator(device).manual_seed(seed + 1) for seed in seeds]
+    results = [FitResult() for _ in seeds]
     best_state = copy.deepcopy(model.state_dict())
     start_epoch = 1
 
@@ -142,73 +194,78 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         try:
             state = torch.load(checkpoint, map_location=device, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a broken checkpoint only costs a restart
-            log.warning("%s: ignoring unreadable checkpoint %s (%s)", desc, checkpoint, exc)
+            log.warning("%s: ignoring unreadable checkpoint %s (%s)", desc[0], checkpoint, exc)
         if state is not None and state.get("fingerprint") != fingerprint:
-            log.info("%s: checkpoint %s is from other params or data; starting afresh", desc, checkpoint)
+            log.info("%s: checkpoint %s is from other params or data; starting afresh", desc[0], checkpoint)
             state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        augment_generator.set_state(state["augment_generator"])
-        result, best_state = state["result"], state["best_state"]
+        for generator, saved in zip(generators + augment_generators, state["generators"]):
+            generator.set_state(saved)
+        results, best_state = state["results"], state["best_state"]
         start_epoch = state["epoch"] + 1
-        log.info("%s: resuming after epoch %d from %s", desc, state["epoch"], checkpoint)
+        log.info("%s: resuming after epoch %d from %s", ", ".join(desc), state["epoch"], checkpoint)
 
+    step = training_step(model, loss_fn, optimizer, scheduler, train, config.precision, augment,
+                         augment_generators)
     model.train()
+    label = desc[0] if members == 1 else f"{desc[0]} (+{members - 1} stacked)"
     for epoch in range(start_epoch, config.epochs + 1):
-        order = torch.randperm(n, generator=generator).to(device)
-        running = torch.zeros((), device=device)
-        bar = tqdm(range(0, n, config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}",
+        order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+        running = torch.zeros(members, device=device)
+        bar = tqdm(range(0, n, config.batch_size), desc=f"{label} epoch {epoch}/{config.epochs}",
                    leave=False, mininterval=1.0, disable=None if progress else True)
         with epoch_context() if epoch_context is not None else contextlib.nullcontext():
             for start in bar:
-                idx = order[start:start + config.batch_size]
-                batch = [t[idx] for t in train]
-                if augment is not None:
-                    batch = augment(batch, augment_generator)
-                with autocast(device, config.precision):
-                    loss = loss_fn(model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                running += loss.detach() * idx.shape[0]
-        train_loss = running.item() / n  # one device sync per epoch, not per step
-        val_loss = evaluate_loss(model, loss_fn, val)
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise TrainingDiverged(
-                f"{desc}: loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
-                f"at epoch {epoch}; the model was not written. Try a lower learning rate "
-                f"(lr is {config.lr}).")
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-               "lr": scheduler.get_last_lr()[0]}
-        result.history.append(row)
-        if val_loss < result.best_val_loss:
-            result.best_val_loss, result.best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        log.info("%s epoch %d/%d: train %.5f  val %.5f", desc, epoch, config.epochs, train_loss, val_loss)
+                idx = order[:, start:start + config.batch_size]
+                running += step(idx) * idx.shape[1]
+        train_losses = (running / n).tolist()  # one device sync per epoch, not per step
+        val_losses = evaluate_loss(model, loss_fn, val)
+        lr = scheduler.get_last_lr()[0]
+        rows = [{"epoch": epoch, "train_loss": t, "val_loss": v, "lr": lr} for t, v in zip(train_losses, val_losses)]
+        for name, row in zip(desc, rows):
+            if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
+                bad = row["train_loss"] if not math.isfinite(row["train_loss"]) else row["val_loss"]
+                raise TrainingDiverged(
+                    f"{name}: loss became {bad} at epoch {epoch}; the model was not written. "
+                    f"Try a lower learning rate (lr is {config.lr}).")
+        better = []
+        for i, (result, row) in enumerate(zip(results, rows)):
+            result.history.append(row)
+            if row["val_loss"] < result.best_val_loss:
+                result.best_val_loss, result.best_epoch = row["val_loss"], epoch
+                better.append(i)
+            log.info("%s epoch %d/%d: train %.5f  val %.5f", desc[i], epoch, config.epochs,
+                     row["train_loss"], row["val_loss"])
+        if better:  # copy the improved members' parameters into the kept state
+            with torch.no_grad():
+                for key, value in model.state_dict().items():
+                    best_state[key][better] = value[better]
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch(rows)
         if checkpoint is not None:
             save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(),
-                                    "generator": generator.get_state(),
-                                    "augment_generator": augment_generator.get_state(), "epoch": epoch,
-                                    "result": result, "best_state": best_state,
+                                    "generators": [g.get_state() for g in generators + augment_generators],
+                                    "epoch": epoch, "results": results, "best_state": best_state,
                                     "fingerprint": fingerprint})
     model.load_state_dict(best_state)
     model.eval()
-    return result
+    return results
 
 
 def reconstruction_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean squared error between AE(input) and target: batch = (input, target)."""
+    """Each member's mean squared error between AE(input) and target: batch = (input, target),
+    each [M, B, features]; returns [M]."""
     inputs, targets = batch
-    return torch.mean((model(inputs).float() - targets) ** 2)  # float32 even under autocast
+    return torch.mean((model(inputs).float() - targets) ** 2, dim=(1, 2))  # float32 even under autocast
 
 
 def classification_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each member's mean cross-entropy: batch = (inputs [M, B, features], labels [M, B]); returns [M]."""
     inputs, labels = batch
-    return nn.functional.cross_entropy(model(inputs).float(), labels)
+    logits = model(inputs).float()
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return losses.view(labels.shape).mean(dim=1)

@@ -39,9 +39,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     from dae.tracking import TrackingError
     from dae.train import TrainingDiverged
 
-    from dae.parallel import CommandFailed, WorkerDied
-
-    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError, WorkerDied, CommandFailed)
+    known = (DataError, ParamError, TrackingError, TrainingDiverged, CheckpointError)
 
     def interrupted(signum, _frame):
         # Unwind normally so that half-written temporary files are removed (see dae.io).
@@ -176,32 +174,20 @@ def write_curve(path: Path, histories: list[list[dict]]) -> None:
     write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))
 
 
-def model_state(arch: dict, state: dict) -> dict:
-    """`state` as a fresh TiedAutoencoder of `arch` returns it: the same tensors, in a checkpoint
-    of the same bytes whether it was trained in this process or came from a worker (unpickled,
-    its small objects are no longer shared between seeds, which changes torch.save's bytes)."""
-    from dae.model import TiedAutoencoder
-
-    model = TiedAutoencoder.from_arch(arch)
-    model.load_state_dict(state)
-    return model.state_dict()
-
-
-def write_trained(run, model_path: Path, payload: dict, curve_path: Path, histories: list[list[dict]]) -> None:
-    """The tail of every training stage: the models of all seeds, the loss curve, its MLflow copy,
-    and the model file's MD5 as a tag (evaluate links each logged model to its training run)."""
-    from dae.io import save_torch
+def finish_members(runs, keys: list[str], results: list, model_path: Path) -> None:
+    """Close the member runs of a training stage that wrote `model_path`: each gets its best
+    epoch and the file's MD5 as a tag (evaluate links each logged model to the run that trained it)."""
     from dae.tracking import file_md5
 
-    save_torch(model_path, payload)
-    write_curve(curve_path, histories)
-    run.log_artifact(curve_path)
-    run.set_tags({"output_md5": file_md5(model_path)})
+    md5 = file_md5(model_path)
+    for key, result in zip(keys, results):
+        runs.log(key, {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
+        runs.finish(key, tags={"output_md5": md5})
 
 
-def training_checkpoint(stage: str, seed: int, stage_params: dict, model, inputs) -> tuple[Path | None, str]:
-    """Where a training run of `stage` saves its per-epoch state, and the fingerprint that
-    decides whether a checkpoint left there by an interrupted run may be resumed: the stage's
+def training_checkpoint(stage: str, name: str, stage_params: dict, model, inputs) -> tuple[Path | None, str]:
+    """Where the stacked members `name` of `stage` save their per-epoch state, and the fingerprint
+    that decides whether a checkpoint left there by an interrupted run may be resumed: the stage's
     params, the initial weights and the training data. DAE_RESUME=off disables it."""
     import hashlib
     import json
@@ -212,8 +198,8 @@ def training_checkpoint(stage: str, seed: int, stage_params: dict, model, inputs
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     digest.update(f"{tuple(inputs.shape)}".encode())
-    digest.update(inputs[:256].detach().cpu().numpy().tobytes())
-    return CHECKPOINT_DIR / stage.replace("@", "_") / f"seed_{seed}.pt", digest.hexdigest()
+    digest.update(inputs[..., :256, :].detach().cpu().contiguous().numpy().tobytes())
+    return CHECKPOINT_DIR / stage.replace("@", "_") / f"{name}.pt", digest.hexdigest()
 
 
 def clear_checkpoints(stage: str) -> None:
@@ -221,45 +207,3 @@ def clear_checkpoints(stage: str) -> None:
     import shutil
 
     shutil.rmtree(CHECKPOINT_DIR / stage.replace("@", "_"), ignore_errors=True)
-
-
-def seed_workers(jobs: int, device, start: bool = False) -> int:
-    """How many worker processes `jobs` seeds train in (dae.parallel.worker_count; a bad
-    $DAE_SEED_WORKERS is a ParamError). `start`: if more than one, start their fork server now,
-    so that its imports overlap the rest of the stage's start-up (measured: a pretraining
-    stage of three seeds ~2.5 s sooner; see train_seeds)."""
-    from dae.parallel import start_server, worker_count
-
-    try:
-        workers = worker_count(jobs, device.type)
-    except ValueError as exc:
-        raise params_mod.ParamError(str(exc)) from None
-    if start and workers > 1:
-        start_server()
-    return workers
-
-
-def train_seeds(run, stage: str, train_seed: Callable, jobs: dict[int, dict], device) -> dict[int, dict]:
-    """Train every seed's model, each job with `train_seed(job, send)`: side by side in worker
-    processes, on a CPU as on a GPU (dae.parallel; $DAE_SEED_WORKERS=1 trains them one by one in
-    this process), each seed logged to its own nested MLflow run as its epochs end. `train_seed`
-    sends ("start", None), ("epoch", row) per epoch and ("done", best metrics); it must be a
-    module-level function. Every job gets `progress`: whether it may draw a progress bar (not
-    from workers, whose bars would overwrite each other, nor with $DAE_PROGRESS=off, when other
-    stage processes share the terminal). Returns {seed: its result}."""
-    from dae.parallel import PROGRESS_ENV, run_jobs
-
-    workers = seed_workers(len(jobs), device)
-    progress = workers <= 1 and os.environ.get(PROGRESS_ENV, "on").lower() != "off"
-    jobs = {seed: job | {"progress": progress} for seed, job in jobs.items()}
-    with run.seed_runs(stage) as seed_runs:
-        def on_message(seed: int, kind: str, payload) -> None:
-            if kind == "start":
-                seed_runs.start(seed)
-            elif kind == "epoch":
-                seed_runs.log(seed, payload, step=payload["epoch"])
-            elif kind == "done":
-                seed_runs.log(seed, payload)
-                seed_runs.finish(seed)
-
-        return run_jobs(train_seed, jobs, workers=workers, on_message=on_message, log_format=LOG_FORMAT)

@@ -1,4 +1,4 @@
-"""finetune [MODEL ...]: build the slide's four models (or those named) and train them end to end.
+"""finetune: build the slide's four models and train them end to end.
 
 shallow   1+1: 784 -> bottleneck, random init, trained end to end
 greedy    8+8: the pretrained stack of data/models/pretrain/layer_8.pt, no further training
@@ -11,169 +11,124 @@ corruption (same type and level as the noise stage) of every batch, else the noi
 copy. With finetune.center, every epoch trains in the centred parametrisation
 (TiedAutoencoder.centered), its offsets the layer means over the same noisy training images; the
 model written is the plain one. Validation always uses the fixed copy; the best validation epoch
-is kept. The seeds train side by side, one process each (stages.common.train_seeds; the same
-results).
+is kept.
 
-Each model is its own process, `python -m stages.finetune MODEL`, with its own MLflow run
-(`finetune@MODEL`). Several models run side by side when the seeds leave workers free
-(dae.parallel.lane_count): with one seed on a 2-core CPU all four at once, on one thread each,
-since one model gains little from a second core. A model does not depend on the thread count
-that trained it (tests/test_parallel.py), so this changes no result, only the wait.
+The models that share an architecture and an epoch count train as one stacked model, every seed
+a member (dae.train.fit): random_ft and greedy_ft together, shallow on its own. The MLflow run
+`finetune` has one nested run per model and seed (`finetune greedy_ft seed 0`).
 """
-import argparse
-import os
-import sys
+from __future__ import annotations
 
-from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, fit_config,
-                           load_checkpoint, load_params, load_split, log, make_deterministic, model_state,
-                           run_stage, seed_workers, select_device, train_seeds, training_checkpoint,
-                           write_trained)
+from stages.common import (CURVES_DIR, FINETUNE_DIR, PRETRAIN_DIR, clear_checkpoints, data_inputs, finish_members,
+                           fit_config, load_checkpoint, load_params, load_split, log, make_deterministic,
+                           run_stage, select_device, training_checkpoint, write_curve)
 
 SECTIONS = ["arch", "noise", "finetune", "seeds", "device"]
+STAGE = "finetune"
 # Noisy training images whose means set the biases (bias_init: data_mean) and the offsets (center).
 BIAS_INIT_SAMPLE = 10_000
-# Side by side, the longest start first (they take the lanes that free up last).
-LAUNCH_ORDER = ("random_ft", "greedy_ft", "shallow", "greedy")
 
 
 def main() -> None:
-    from dae.params import MODELS
+    import json
 
-    parser = argparse.ArgumentParser(prog="python -m stages.finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all four)")
-    names = list(dict.fromkeys(parser.parse_args().models)) or list(MODELS)
-    unknown = [name for name in names if name not in MODELS]
-    if unknown:  # (argparse's `choices` rejects an empty list of a nargs="*" argument)
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    if len(names) == 1:
-        train_model(names[0])
-    else:
-        train_models(names)
-
-
-def train_models(names: list[str]) -> None:
-    """Every model in `names`, each as `python -m stages.finetune MODEL`, side by side as far as
-    the seeds leave workers free (see the module's docstring)."""
-    from dae.parallel import PROGRESS_ENV, lane_count, run_commands, threads_per_worker
-
-    params = load_params(SECTIONS)  # a bad params.yaml fails here, before any model starts
-    for name in names:
-        if name != "greedy":
-            fit_config(params, "finetune", name)
-    device = select_device(params["device"])
-    try:
-        lanes = lane_count(len(names), len(params["seeds"]), device.type)
-    except ValueError as exc:  # a bad $DAE_SEED_WORKERS
-        from dae.params import ParamError
-
-        raise ParamError(str(exc)) from None
-    env = dict(os.environ)
-    if lanes > 1:
-        # Each model on its share of the cores; the seeds' workers set their own (dae.parallel).
-        env |= {"OMP_NUM_THREADS": str(threads_per_worker(lanes)), PROGRESS_ENV: "off"}
-    ordered = sorted(names, key=LAUNCH_ORDER.index)
-    log.info("training %s, %d at a time%s", ", ".join(ordered), lanes,
-             f" ({env['OMP_NUM_THREADS']} thread(s) each)" if lanes > 1 else "")
-    run_commands({f"finetune@{name}": [sys.executable, "-m", "stages.finetune", name] for name in ordered},
-                 lanes=lanes, env=env)
-
-
-def train_model(name: str) -> None:
-    """One model, all its seeds, in its own MLflow run `finetune@{name}`."""
+    from dae.io import save_torch
     from dae.model import TiedAutoencoder
-    from dae.params import DEEP_LAYERS, model_arch, section_flat
+    from dae.params import DEEP_LAYERS, MODELS, TRAINED_MODELS, model_arch, section_flat
     from dae.tracking import stage_run
-    from dae.train import evaluate_loss, reconstruction_loss
+    from dae.train import FitResult, evaluate_loss, reconstruction_loss, shared
 
     params = load_params(SECTIONS)
+    seeds = params["seeds"]
     device = select_device(params["device"])
     make_deterministic(device)
-    if name != "greedy":
-        fit_config(params, "finetune", name)  # a bad section fails here, before any process starts
-        seed_workers(len(params["seeds"]), device, start=True)
-    arch = model_arch(params, name)
-    pretrained = (load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", arch, params["seeds"])
-                  if name in ("greedy", "greedy_ft") else None)
+    pretrained = load_checkpoint(PRETRAIN_DIR / f"layer_{DEEP_LAYERS}.pt", model_arch(params, "greedy"), seeds)
+    # One stack per architecture and epoch count (the rest of the recipe is shared by all).
+    groups: dict[str, list[str]] = {}
+    for name in TRAINED_MODELS:
+        key = json.dumps([model_arch(params, name), fit_config(params, "finetune", name).epochs])
+        groups.setdefault(key, []).append(name)
+    train, val = load_split("train", device), load_split("val", device)
 
-    stage = f"finetune@{name}"
-    with stage_run(stage, section_flat(params, SECTIONS) | {"model": name},
-                   inputs=data_inputs(["train", "val"])) as run:
-        if name == "greedy":  # the pretrained stack as it is: record its losses only
-            train, val = load_split("train", device), load_split("val", device)
-            states, histories = {}, []
-            for seed in params["seeds"]:
-                model = TiedAutoencoder.from_arch(arch)
-                model.load_state_dict(pretrained["seeds"][seed])
-                model.to(device)
-                with run.seed(seed, stage):
-                    history = [{"epoch": 0, **{f"{split}_loss": evaluate_loss(
-                        model, reconstruction_loss, (data["noisy"], data["clean"]))
-                        for split, data in (("train", train), ("val", val))}}]
-                    run.log_metrics({"best_val_loss": history[0]["val_loss"]})
-                states[seed] = model.cpu().state_dict()
-                histories.append(history)
-        else:
-            jobs = {seed: {"params": params, "name": name, "seed": seed, "device": str(device),
-                           "pretrained": pretrained["seeds"][seed] if pretrained else None}
-                    for seed in params["seeds"]}
-            results = train_seeds(run, stage, train_seed, jobs, device)
-            states = {seed: model_state(arch, results[seed]["state"]) for seed in params["seeds"]}
-            histories = [results[seed]["history"] for seed in params["seeds"]]
-        write_trained(run, FINETUNE_DIR / f"{name}.pt", {"model": name, "arch": arch, "seeds": states},
-                      CURVES_DIR / f"finetune_{name}.csv", histories)
-    clear_checkpoints(stage)
+    with stage_run(STAGE, section_flat(params, SECTIONS), inputs=data_inputs(["train", "val"])) as run, \
+            run.member_runs() as runs:
+        trained: dict[str, list[tuple[str, dict, FitResult]]] = {}  # model -> (run, state, result) per seed
+        # greedy: the pretrained stack as it is; its losses are recorded, nothing is trained.
+        for seed in seeds:
+            model = TiedAutoencoder.from_arch(model_arch(params, "greedy"))
+            model.load_state_dict(pretrained["seeds"][seed])
+            stacked = TiedAutoencoder.stacked([model.to(device)])
+            row = {"epoch": 0, **{f"{split}_loss": evaluate_loss(stacked, reconstruction_loss, (
+                shared(d["noisy"], 1), shared(d["clean"], 1)))[0] for split, d in (("train", train), ("val", val))}}
+            key = runs.start(f"{STAGE} greedy seed {seed}", seed, {"model": "greedy"})
+            trained.setdefault("greedy", []).append(
+                (key, model.cpu().state_dict(), FitResult([row], best_epoch=0, best_val_loss=row["val_loss"])))
+        for names in groups.values():
+            members = [(name, seed) for name in names for seed in seeds]
+            keys = [runs.start(f"{STAGE} {name} seed {seed}", seed, {"model": name}) for name, seed in members]
+            states_results = train_stack(params, members, keys, pretrained, train, val, device,
+                                         runs.epoch_logger(keys))
+            for (name, _), key, (state, result) in zip(members, keys, states_results):
+                trained.setdefault(name, []).append((key, state, result))
+        for name in MODELS:
+            path, curve = FINETUNE_DIR / f"{name}.pt", CURVES_DIR / f"finetune_{name}.csv"
+            keys, states, results = zip(*trained[name])
+            save_torch(path, {"model": name, "arch": model_arch(params, name), "seeds": dict(zip(seeds, states))})
+            write_curve(curve, [result.history for result in results])
+            run.log_artifact(curve)
+            finish_members(runs, list(keys), list(results), path)
+    clear_checkpoints(STAGE)
 
 
-def train_seed(job: dict, send) -> dict:
-    """Fine-tune one seed's model (in a worker process when seeds train side by side; see
-    stages.common.train_seeds): {"state": its best state_dict, "history": its epochs}."""
+def train_stack(params: dict, members: list[tuple[str, int]], keys: list[str], pretrained: dict, train: dict,
+                val: dict, device, on_epoch) -> list[tuple[dict, "FitResult"]]:
+    """Train the (model, seed) `members`, all of one architecture and epoch count, as one stacked
+    model; returns each member's (best state_dict, FitResult)."""
     import torch
 
     from dae.model import TiedAutoencoder
     from dae.noise import corrupt
     from dae.params import model_arch
-    from dae.train import fit, reconstruction_loss
+    from dae.train import fit, reconstruction_loss, shared
 
-    params, name, seed = job["params"], job["name"], job["seed"]
-    device = torch.device(job["device"])
-    make_deterministic(device)
     cfg, noise = params["finetune"], params["noise"]
-    train, val = load_split("train", device), load_split("val", device)
     bias_sample = train["noisy"][:BIAS_INIT_SAMPLE].clone()
+    models = []
+    for name, seed in members:
+        model = TiedAutoencoder.from_arch(model_arch(params, name))
+        if name == "greedy_ft":
+            model.load_state_dict(pretrained["seeds"][seed])
+        else:
+            model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
+        model.to(device)
+        if name != "greedy_ft" and cfg["bias_init"] == "data_mean":
+            model.center_biases(bias_sample)
+        models.append(model)
+    model = TiedAutoencoder.stacked(models)
+    m = len(members)
     if cfg["fresh_noise"]:
         # A fixed noisy copy lets the deep models memorise its noise (train loss well below
         # validation loss); fresh corruption every epoch, as in Vincent et al. 2008, does not.
-        train_inputs = (train["clean"],)
+        train_inputs = (shared(train["clean"], m),)
 
-        def augment(batch, generator):
-            return corrupt(batch[0], noise["type"], noise["level"], generator, noise["clip"]), batch[0]
+        def augment(batch, generators):
+            clean = batch[0]
+            noisy = torch.stack([corrupt(clean[i], noise["type"], noise["level"], generator, noise["clip"])
+                                 for i, generator in enumerate(generators)])
+            return noisy, clean
     else:
-        train_inputs, augment = (train["noisy"], train["clean"]), None
-    del train  # what training does not read is freed (each worker holds its own copy of the data)
-
-    torch.manual_seed(seed)
-    model = TiedAutoencoder.from_arch(model_arch(params, name))
-    if job["pretrained"] is not None:
-        model.load_state_dict(job["pretrained"])
-    else:
-        model.reset_parameters(cfg["init_gain"], torch.Generator().manual_seed(seed))
-    model.to(device)
-    if job["pretrained"] is None and cfg["bias_init"] == "data_mean":
-        model.center_biases(bias_sample)
-    stage = f"finetune@{name}"
-    checkpoint, fingerprint = training_checkpoint(stage, seed, params, model, train_inputs[0])
-    send("start", None)
+        train_inputs, augment = (shared(train["noisy"], m), shared(train["clean"], m)), None
+    name = "+".join(dict.fromkeys(member for member, _ in members))
+    checkpoint, fingerprint = training_checkpoint(STAGE, name, params, model, train_inputs[0])
     # Offsets recomputed at the start of every epoch: the layer means move as the model trains.
     centered = (lambda: model.centered(bias_sample)) if cfg["center"] else None
-    result = fit(model, reconstruction_loss, train_inputs, (val["noisy"], val["clean"]),
-                 fit_config(params, "finetune", name), seed=seed, desc=f"{stage} seed {seed}",
-                 augment=augment, epoch_context=centered, checkpoint=checkpoint,
-                 fingerprint=fingerprint, on_epoch=lambda row: send("epoch", row),
-                 progress=job["progress"])
-    send("done", {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch})
-    log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss, result.best_epoch)
-    return {"state": model.cpu().state_dict(), "history": result.history}
+    results = fit(model, reconstruction_loss, train_inputs, (shared(val["noisy"], m), shared(val["clean"], m)),
+                  fit_config(params, "finetune", members[0][0]), seeds=[seed for _, seed in members], desc=keys,
+                  augment=augment, epoch_context=centered, checkpoint=checkpoint, fingerprint=fingerprint,
+                  on_epoch=on_epoch)
+    for key, result in zip(keys, results):
+        log.info("%s: best val loss %.5f at epoch %d", key, result.best_val_loss, result.best_epoch)
+    return [(plain.state_dict(), result) for plain, result in zip(model.unstacked(), results)]
 
 
 if __name__ == "__main__":

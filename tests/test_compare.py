@@ -15,8 +15,8 @@ def store(tmp_path, monkeypatch):
     for name, level in (("sigma-01", 0.1), ("sigma-05", 0.5)):
         monkeypatch.setenv("DVC_EXP_NAME", name)
         (tmp_path / "params.yaml").write_text(f"noise: {{level: {level}}}\n")
-        with tracking.stage_run("finetune@greedy_ft", {"noise.level": level, "finetune.epochs": 30}) as run:
-            with run.seed(0, "finetune@greedy_ft"):
+        with tracking.stage_run("finetune", {"noise.level": level, "finetune.epochs": 30}) as run:
+            with run.seed(0, "finetune greedy_ft"):
                 run.log_metrics({"val_loss": level / 10}, step=1)
         with tracking.stage_run("evaluate", {"classifier.epochs": 30}) as run:
             with run.seed(0, "evaluate greedy_ft"):

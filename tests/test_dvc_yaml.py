@@ -6,13 +6,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Imported by stages but shaping none of their outputs: MLflow logging, the atomic writing of
-# files whose contents other modules compute, and where jobs run (worker processes or one by one:
-# the same bytes, tests/test_parallel.py and tests/test_faults.py).
-NOT_DEPENDENCIES = {"dae/tracking.py", "dae/io.py", "dae/parallel.py"}
+# Imported by stages but shaping none of their outputs: MLflow logging and the atomic writing of
+# files whose contents other modules compute.
+NOT_DEPENDENCIES = {"dae/tracking.py", "dae/io.py"}
 # What stages.common gives a stage that feeds its computation (the rest is logging, params,
 # error reporting); a stage that imports one of these depends on stages/common.py.
-COMMON_DATA = {"load_split", "load_checkpoint", "training_checkpoint", "write_trained"}
+COMMON_DATA = {"load_split", "load_checkpoint", "training_checkpoint", "write_curve"}
 
 
 def _dae_modules(path: Path, seen: set[str]) -> set[str]:
@@ -52,3 +51,15 @@ def test_every_stage_depends_on_the_code_that_computes_its_outputs():
         missing_files = [dep for dep in deps if "$" not in dep and not (ROOT / dep).exists()
                          and not dep.startswith("data/")]
         assert not missing_files, f"stage {name} lists deps that do not exist: {missing_files}"
+
+
+def test_the_committed_lock_holds_only_the_stages_of_dvc_yaml():
+    """`dvc repro` does not prune a stage that dvc.yaml dropped: a stale entry would show up in
+    `dvc status` readers and confuse `dvc.lock` diffs, so the committed lock must match."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    names = set()
+    for name, stage in stages.items():
+        items = stage.get("foreach")
+        names |= {f"{name}@{item}" for item in items} if items is not None else {name}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked == names

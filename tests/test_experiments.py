@@ -4,7 +4,7 @@ import torch
 
 from dae import experiments
 from dae.model import TiedAutoencoder
-from dae.train import FitConfig, fit, reconstruction_loss
+from dae.train import FitConfig, fit, reconstruction_loss, shared
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +16,10 @@ def trained(mnist_raw):
     x = torch.from_numpy(images[:4000].copy()).float() / 255
     noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = TiedAutoencoder([784, 32], linear_code=True)
-    fit(model, reconstruction_loss, (noisy[:3500], x[:3500]), (noisy[3500:], x[3500:]),
-        FitConfig(8, 32, 1e-2), seed=0, desc="test")
-    return model, x[3500:3600]
+    stack = TiedAutoencoder.stacked([TiedAutoencoder([784, 32], linear_code=True)])
+    fit(stack, reconstruction_loss, (shared(noisy[:3500], 1), shared(x[:3500], 1)),
+        (shared(noisy[3500:], 1), shared(x[3500:], 1)), FitConfig(8, 32, 1e-2), seeds=[0], desc=["test"])
+    return stack.unstacked()[0], x[3500:3600]
 
 
 def test_morph_endpoints_are_the_reconstructions(trained):

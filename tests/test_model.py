@@ -139,3 +139,34 @@ def test_centered_changes_the_gradient_step_and_restores_on_error():
     for p, q in zip(model.parameters(), plain):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert model._offsets is None
+
+
+def test_stacked_members_compute_what_each_plain_model_computes():
+    """A stack of M models: member i's encode, decode and centred parameters are model i's, and
+    unstacked() gives the plain models back."""
+    models = []
+    for seed in range(3):
+        model = TiedAutoencoder([20, 12, 6], linear_code=True)
+        model.reset_parameters(4.0, torch.Generator().manual_seed(seed))
+        models.append(model)
+    stack = TiedAutoencoder.stacked(models)
+    assert stack.members == 3 and stack.weights[0].shape == (3, 12, 20)
+    x = torch.rand(3, 7, 20)
+    out = stack(x)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(out[i], model(x[i]))
+        torch.testing.assert_close(stack.encode(x)[i], model.encode(x[i]))
+    inputs = torch.rand(50, 20)
+    with stack.centered(inputs):  # the same function inside, per member
+        torch.testing.assert_close(stack(x), out)
+    for plain, model in zip(stack.unstacked(), models):
+        assert plain.members == 0 and plain.arch() == model.arch()
+        for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
+            torch.testing.assert_close(a, b)
+
+
+def test_only_plain_models_of_one_architecture_stack():
+    with pytest.raises(ValueError, match="one architecture"):
+        TiedAutoencoder.stacked([TiedAutoencoder([20, 6]), TiedAutoencoder([20, 8])])
+    with pytest.raises(ValueError, match="not a stacked model"):
+        TiedAutoencoder([20, 6]).unstacked()

@@ -45,3 +45,14 @@ def test_accuracy_shows_two_decimals_so_a_near_miss_reads_as_one():
     row = [line for line in markdown(summarize(per_seed), n_seeds=2).splitlines()
            if line.startswith("| 8+8 greedy |")][0]
     assert "97.16 ± 0.07 % ✗" in row and "97.2 %" in row
+
+
+def test_the_pca_baseline_is_a_row_without_slide_cells_and_the_per_image_error_a_column():
+    per_seed = {m: runs([0.02]) for m in SLIDE} | {"pca": runs([0.0177])}
+    text = markdown(summarize(per_seed), n_seeds=1, code_dim=32)
+    row = [line for line in text.splitlines() if line.startswith("| PCA (linear) |")][0]
+    assert "✓" not in row and "✗" not in row and row.count("—") == 3
+    assert "| 13.88 |" in row  # 0.0177 × 784
+    assert "13.87 (PCA)" in text and "30-d" in text and "32-d" in text
+    pca = [r for r in table_rows(summarize(per_seed)) if r["model"] == "pca"][0]
+    assert pca["se_per_image"] == pytest.approx(0.0177 * 784) and "mse_slide" not in pca

@@ -37,7 +37,9 @@ def server(postgres_uri, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, mnist_mirror):
     ws = prepare_workspace(tmp_path_factory.mktemp("faults-ws"), mnist_mirror)
-    ws.set_param("finetune.epochs", EPOCHS)
+    ws.run_all([("stages.pretrain_layer", str(k)) for k in range(2, 9)])  # finetune reads layer 8
+    # shallow trains first; the fault comes in its epochs.
+    ws.set_param("finetune.epochs", {"shallow": EPOCHS, "random_ft": 1, "greedy_ft": 1})
     return ws
 
 
@@ -50,8 +52,8 @@ def ws(prepared, server, tmp_path):
 
 
 def train_and(ws, fault, env: dict | None = None) -> tuple[int, str]:
-    """Run finetune@shallow; after epoch KILL_AT call fault(); return its exit status and output."""
-    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", "shallow"], cwd=ws.path,
+    """Run finetune; after shallow's epoch KILL_AT call fault(); return its exit status and output."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=ws.path,
                             env={**ws.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []
@@ -65,7 +67,7 @@ def train_and(ws, fault, env: dict | None = None) -> tuple[int, str]:
 
 
 def seed_run_history(server, key: str = "train_loss") -> tuple[str, list[int]]:
-    """The newest finetune@shallow seed run: its status and the steps of `key`."""
+    """The newest run of shallow seed 0 in finetune: its status and the steps of `key`."""
     from mlflow import MlflowClient
 
     os.environ.update({k: v for k, v in server.admin_env().items() if k != "MLFLOW_TRACKING_URI"})
@@ -73,7 +75,7 @@ def seed_run_history(server, key: str = "train_loss") -> tuple[str, list[int]]:
         client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name("dae-mnist")
         run = client.search_runs([experiment.experiment_id],
-                                 "tags.stage = 'finetune@shallow' and tags.seed = '0'",
+                                 "tags.stage = 'finetune' and tags.model = 'shallow' and tags.seed = '0'",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
     finally:
@@ -100,16 +102,16 @@ def test_server_gone_for_good_the_stage_stops_with_one_line_and_no_outputs(ws, s
     code, output = train_and(ws, server.stop, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
     try:
         assert code == 1, output
-        assert re.search(r"ERROR in stage finetune@shallow: lost the MLflow tracking store "
+        assert re.search(r"ERROR in stage finetune: lost the MLflow tracking store "
                          r"http://127\.0\.0\.1:\d+ while the stage ran", output), output
         assert "`dvc repro` resumes from the last completed epoch" in output
         assert "Traceback" not in output
         assert not (ws.path / "data/models/finetune/shallow.pt").exists()
         assert not (ws.path / "reports/curves/finetune_shallow.csv").exists()
-        assert (ws.path / "data/checkpoints/finetune_shallow/seed_0.pt").exists()
+        assert (ws.path / "data/checkpoints/finetune/shallow.pt").exists()
     finally:
         server.start()
-    resumed = ws.stage("stages.finetune", "shallow")
+    resumed = ws.stage("stages.finetune")
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resuming after epoch ([4-9]|\d\d+)\b", resumed.stderr), resumed.stderr
     assert (ws.path / "data/models/finetune/shallow.pt").exists()

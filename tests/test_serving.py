@@ -83,6 +83,8 @@ def test_loaded_by_name_in_a_process_without_the_repository(store, tmp_path_fact
     (np.zeros((0, 784), np.float32), "empty batch"),
     (np.full((1, 784), np.nan, np.float32), "NaN or infinite"),
     ([["a"] * 784], "expected numbers"),
+    (np.full((1, 784), 5.0, np.float32), r"image 0 has pixels outside \[-2, 3\]; expected pixels in \[0, 1\]"),
+    (np.zeros((10_001, 784), np.float32), "batch of 10001 images is over the limit of 10000"),
 ])
 def test_bad_input_is_refused_with_what_was_expected(bad, message):
     from mlflow.exceptions import MlflowException
@@ -90,6 +92,7 @@ def test_bad_input_is_refused_with_what_was_expected(bad, message):
     with pytest.raises(MlflowException, match=message) as caught:
         as_batch(bad)
     assert caught.value.get_http_status_code() == 400
+    assert len(str(caught.value)) < 200  # says what was wrong, with no echo of the input
 
 
 def test_unknown_output_is_refused(store):
