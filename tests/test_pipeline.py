@@ -14,9 +14,8 @@ import yaml
 from tests.workspace import make_workspace, ran_stages
 
 STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)], "finetune", "evaluate", "figures"]
-# In MLflow each model of the finetune stage has its own run (its own process).
-TRACKED_STAGES = ([s for s in STAGES if s not in ("download", "noise", "finetune")]
-                  + [f"finetune@{m}" for m in ("shallow", "greedy", "random_ft", "greedy_ft")])
+# In MLflow every training stage has a run, with a nested run per model and seed.
+TRACKED_STAGES = [s for s in STAGES if s not in ("download", "noise")]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +60,14 @@ def test_a_second_repro_in_the_same_workspace_gets_the_lock_error(workspace):
 def test_metrics_table_and_figure(workspace):
     ws, *_ = workspace
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-    assert list(metrics) == ["shallow", "greedy", "random_ft", "greedy_ft"]
+    assert list(metrics) == ["shallow", "greedy", "random_ft", "greedy_ft", "pca"]  # the slide's 4, then the baseline
     for row in metrics.values():
         for key in ("mse", "mse_noisy", "accuracy", "accuracy_noisy"):
             assert math.isfinite(row[key]) and math.isfinite(row[f"{key}_std"])
         assert 0 <= row["accuracy"] <= 1 and 0 < row["mse"] < 1
     table = (ws / "reports" / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith(("| 1+1", "| 8+8"))]
-    assert len(rows) == 4
+    rows = [line for line in table.splitlines() if line.startswith(("| 1+1", "| 8+8", "| PCA"))]
+    assert len(rows) == 5
     png = (ws / "reports" / "figures" / "reconstructions.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -82,10 +81,13 @@ def test_mlflow_has_a_run_per_stage(workspace):
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert sorted(parents["tags.stage"]) == sorted(TRACKED_STAGES)
     assert parents["tags.pipeline_id"].nunique() == 1  # one `dvc repro`, one tag
-    finetune = parents[parents["tags.stage"] == "finetune@greedy_ft"].iloc[0]
+    finetune = parents[parents["tags.stage"] == "finetune"].iloc[0]
     assert finetune["params.finetune.epochs"] == "2"
     children = runs[runs["tags.mlflow.parentRunId"] == finetune["run_id"]]
-    history = mlflow.MlflowClient().get_metric_history(children.iloc[0]["run_id"], "val_loss")
+    assert sorted(children["tags.mlflow.runName"]) == sorted(
+        f"finetune {m} seed 0" for m in ("shallow", "greedy", "random_ft", "greedy_ft"))
+    greedy_ft = children[children["tags.model"] == "greedy_ft"].iloc[0]
+    history = mlflow.MlflowClient().get_metric_history(greedy_ft["run_id"], "val_loss")
     assert [m.step for m in history] == [1, 2]
 
 
@@ -106,6 +108,8 @@ def test_models_are_logged_registered_and_linked(workspace):
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["dae-mnist"])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]  # the stage runs, not their per-seed runs
+    finetune = parents[parents["tags.stage"] == "finetune"]["run_id"].iloc[0]
+    members = runs[runs["tags.mlflow.parentRunId"] == finetune]  # one run per model and seed
     for model in ("shallow", "greedy", "random_ft", "greedy_ft"):
         version = client.get_model_version_by_alias(f"dae-mnist-{model}", "current")
         assert len(client.search_model_versions(f"name = 'dae-mnist-{model}'")) == 1
@@ -113,8 +117,10 @@ def test_models_are_logged_registered_and_linked(workspace):
         assert version.tags["pipeline_id"] == runs["tags.pipeline_id"].iloc[0]
         logged = mlflow.get_logged_model(version.source.removeprefix("models:/"))  # the logged model
         assert {m.key: m.value for m in logged.metrics}["mse_noisy"] == pytest.approx(metrics[model]["mse_noisy"])
-        trained_by = parents[parents["tags.stage"] == f"finetune@{model}"]["run_id"].iloc[0]
+        trained_by = members[(members["tags.model"] == model) & (members["tags.seed"] == "0")]["run_id"].iloc[0]
         assert logged.tags["training_run_id"] == trained_by
+        latest = mlflow.pyfunc.load_model(f"models:/dae-mnist-{model}/latest")  # the README's name for it
+        assert latest.metadata.model_id == logged.model_id
     evaluate = parents[parents["tags.stage"] == "evaluate"].iloc[0]
     inputs = client.get_run(evaluate["run_id"]).inputs.dataset_inputs
     assert sorted(i.dataset.name for i in inputs) == ["mnist-test", "mnist-train", "mnist-val"]
@@ -180,6 +186,8 @@ def test_served_model_answers_over_http(workspace, tmp_path):
             json.dumps({"inputs": [["white"] * 784]}): ("float",),
             json.dumps({"inputs": [[float("nan")] * 784]}): ("NaN",),
             json.dumps({"inputs": []}): ("empty", "784"),
+            json.dumps({"inputs": [[5.0] * 784]}): ("outside [-2, 3]; expected pixels in [0, 1]",),
+            json.dumps({"inputs": [[0.5] * 784] * 10_001}): ("over the limit of 10000",),
         }
         for body, expected in bad.items():
             status, answer = post(body)
@@ -190,6 +198,48 @@ def test_served_model_answers_over_http(workspace, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
+
+
+def _readme_block(section: str, language: str) -> str:
+    """The first ```language block of the README section headed `## section`."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_model_section_runs_as_written(workspace):
+    """"Use a trained model": its Python snippet, then its `mlflow models serve` + `curl` lines,
+    exactly as the README has them, in the workspace after a `dvc repro`."""
+    ws, *_ = workspace
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    snippet = _readme_block("Use a trained model", "python") + "print(denoised.shape, codes.shape)\n"
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=ws, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2].startswith("(5, 784) (5, "), result.stdout
+
+    lines = _readme_block("Use a trained model", "bash")
+    shell = subprocess.Popen(["bash", "-c", lines], cwd=ws, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        shell.wait(timeout=240)  # bash ends after the curl; the server it started runs on
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)
+    out = shell.stdout.read()  # complete once the server, which shares the pipe, has ended
+    predictions = json.loads(out.strip().splitlines()[-1])["predictions"]
+    assert len(predictions) == 1 and len(predictions[0]) == 784
+
+
+def test_the_readme_mlflow_ui_tour_works_in_a_browser(workspace, tmp_path):
+    """`mlflow ui` on the workspace's store, driven in headless Chromium through the README's
+    steps: the evaluate run with its metrics and per-seed runs, the loss curves of a seed run,
+    and the registered models."""
+    from tests.browser import chromium_or_skip, mlflow_ui, readme_tour
+
+    chromium = chromium_or_skip()
+    ws, *_ = workspace
+    with mlflow_ui(ws / "mlflow.db", tmp_path / "ui.log") as url:
+        readme_tour(url, chromium, ["shallow", "greedy", "random_ft", "greedy_ft"], tmp_path)
 
 
 def test_second_repro_is_a_no_op(workspace):
@@ -232,14 +282,14 @@ def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
     result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
     assert "figures" in ran_stages(result.stdout)
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-    assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft"}
+    assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
     assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
     assert "2-d" in (ws / "reports" / "index.md").read_text()
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["dae-mnist"], filter_string="tags.dvc_exp_name = 'two-d'")
-    assert {"evaluate", "figures", "finetune@greedy_ft"} <= set(runs["tags.stage"])
+    assert {"evaluate", "figures", "finetune"} <= set(runs["tags.stage"])
     shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
     assert "two-d" in shown
 
