@@ -64,6 +64,32 @@ def mlflow_ui(store: Path, log: Path):
             server.wait(30)
 
 
+def filter_runs(page, query: str, shown: str, absent: str, tries: int = 4) -> None:
+    """Type `query` into the Runs page's search box until the grid shows a run named `shown` and
+    none named `absent`. The page may still be loading, or restoring its last filter, when the
+    query is first typed (once seen in CI: the grid then showed no run for a minute), so a try that
+    shows no change within 20 s types it again."""
+    from playwright.sync_api import expect
+
+    for attempt in range(tries):
+        search = page.get_by_placeholder(re.compile(r"metrics\."))
+        search.fill(query)
+        search.press("Enter")
+        try:
+            expect(page.get_by_role("link", name=absent, exact=True)).to_have_count(0, timeout=20_000)
+            expect(page.get_by_role("link", name=shown, exact=True).first).to_be_visible(timeout=20_000)
+            return
+        except AssertionError:
+            if attempt == tries - 1:
+                raise AssertionError(f"the runs grid never showed {shown!r} without {absent!r} for {query!r}; "
+                                     f"the search box holds {search.input_value()!r}") from None
+
+
+def follow(page, url: str, link) -> None:
+    """Open the page a link points to."""
+    page.goto(f"{url}/{link.get_attribute('href')}")
+
+
 def readme_tour(url: str, chromium: str, models: list[str], screenshots: Path) -> None:
     """The README's steps: Model training → Experiments → dae-mnist → the Runs page; search the
     evaluate run; its page shows the test metrics and its per-seed child runs; a seed run's Model
@@ -72,7 +98,7 @@ def readme_tour(url: str, chromium: str, models: list[str], screenshots: Path) -
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": 1920, "height": 1080})
         page.set_default_timeout(60_000)
         try:
             page.goto(url)
@@ -80,10 +106,8 @@ def readme_tour(url: str, chromium: str, models: list[str], screenshots: Path) -
             page.get_by_role("link", name="Experiments").first.click()
             page.get_by_role("link", name="dae-mnist", exact=True).first.click()
             expect(page).to_have_url(re.compile(r"#/experiments/\d+/runs"))
-            search = page.get_by_placeholder(re.compile(r"metrics\."))
-            search.fill("tags.stage = 'evaluate'")
-            search.press("Enter")
-            page.get_by_role("link", name="evaluate", exact=True).first.click()
+            filter_runs(page, "tags.stage = 'evaluate'", "evaluate", absent="finetune")
+            follow(page, url, page.get_by_role("link", name="evaluate", exact=True).first)
             expect(page.get_by_role("tab", name="Model metrics")).to_be_visible()
             expect(page.get_by_role("tab", name="System metrics")).to_be_visible()
             for model in models:
@@ -92,12 +116,12 @@ def readme_tour(url: str, chromium: str, models: list[str], screenshots: Path) -
             page.screenshot(path=str(screenshots / "evaluate_run.png"), full_page=True)
 
             page.get_by_role("link", name="Runs", exact=True).first.click()
-            search = page.get_by_placeholder(re.compile(r"metrics\."))
-            search.fill("tags.stage = 'finetune'")
-            search.press("Enter")
-            # the "+" before the stage run's name shows its runs per model and seed
-            page.locator(".ag-pinned-left-cols-container [role=row]").first.locator("button").first.click()
-            page.get_by_role("link", name="finetune greedy_ft seed 0").first.click()
+            filter_runs(page, "tags.stage = 'finetune'", "finetune", absent="evaluate")
+            # The stage run's page lists its runs per model and seed, as the "+" before its name in
+            # the grid does. In about one load in five the grid keeps re-rendering its rows, so a
+            # click there waits in vain for a row to hold still: its links are followed by address.
+            follow(page, url, page.get_by_role("link", name="finetune", exact=True).first)
+            follow(page, url, page.get_by_role("link", name="finetune greedy_ft seed 0").first)
             page.get_by_role("tab", name="Model metrics").click()
             for curve in ("train_loss", "val_loss"):
                 expect(page.get_by_text(curve, exact=True).first).to_be_visible()
@@ -109,6 +133,7 @@ def readme_tour(url: str, chromium: str, models: list[str], screenshots: Path) -
             page.screenshot(path=str(screenshots / "model_registry.png"))
         except Exception:
             page.screenshot(path=str(screenshots / "failure.png"), full_page=True)
+            (screenshots / "failure.html").write_text(page.content())
             raise
         finally:
             browser.close()
