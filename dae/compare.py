@@ -1,13 +1,15 @@
 """Compare pipeline executions logged to MLflow: the params that differ and every model's metrics.
 
-    python -m dae.compare EXP [EXP ...] [--x noise.level] [--out reports/compare] [--experiment dae-mnist]
+    python -m dae.compare EXP [EXP ...] [--x noise.level | --bars] [--out reports/compare] [--experiment dae-mnist]
 
 Each EXP is a DVC experiment name (the `dvc_exp_name` tag), a `pipeline_id` tag, or an MLflow
 run id of an `evaluate` run, looked up in the MLflow experiment --experiment (default:
-$MLFLOW_EXPERIMENT_NAME, else dae-mnist; Fashion-MNIST runs are in dae-fashion-mnist). The params of an execution are the union of what its stages
-logged; the metrics are its evaluate run's. Writes <out>.md, <out>.csv and, with --x, <out>.png
-(each metric against that param, one line per model). Reads MLflow's API only. Accuracy is in
-percent in the markdown table and the plot, a fraction in the CSV (as in reports/results.*).
+$MLFLOW_EXPERIMENT_NAME, else dae-mnist; Fashion-MNIST runs are in dae-fashion-mnist). The params
+of an execution are the union of what its stages logged; the metrics are its evaluate run's (mean
+± std where it has several seeds). Writes <out>.md, <out>.csv and, with --x, <out>.png (each
+metric against that param, one line per model) or, with --bars, <out>.png as bars (one group per
+execution, the std as error bars). Reads MLflow's API only. Accuracy is in percent in the markdown
+table and the plot, a fraction in the CSV (as in reports/results.*).
 """
 from __future__ import annotations
 
@@ -60,9 +62,15 @@ def collect(keys: list[str], experiment: str) -> pd.DataFrame:
                 params.update(stage_run.data.params)
         row = {"experiment": key, "pipeline_id": pipeline_id}
         row |= {f"param {k}": v for k, v in sorted(params.items())}
-        row |= {f"{m}.{metric}": run.data.metrics.get(f"{m}.{metric}") for m in ROW_LABELS for metric in METRICS}
+        for m in ROW_LABELS:
+            for metric in METRICS:
+                row[f"{m}.{metric}"] = run.data.metrics.get(f"{m}.{metric}")
+                row[f"{m}.{metric}_std"] = run.data.metrics.get(f"{m}.{metric}_std")
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # A spread over seeds is kept where there is one: one-seed executions log none (or 0).
+    spread = [c for c in frame.columns if c.endswith("_std")]
+    return frame.drop(columns=[c for c in spread if not (pd.to_numeric(frame[c]).fillna(0) > 0).any()])
 
 
 def differing(frame: pd.DataFrame) -> pd.DataFrame:
@@ -79,10 +87,15 @@ def to_markdown(frame: pd.DataFrame) -> str:
             return str(value)
         return f"{100 * value:.2f} %" if ".accuracy" in column else f"{value:.4f}"
 
-    header = "| " + " | ".join(frame.columns) + " |"
-    lines = [header, "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(fmt(c, v) for c, v in zip(frame.columns, row)) + " |"
-              for row in frame.itertuples(index=False)]
+    def cell(column: str, row: pd.Series) -> str:
+        text = fmt(column, row[column])
+        if f"{column}_std" in row and isinstance(row[f"{column}_std"], float):  # mean ± std over seeds
+            text = text.replace(" %", "") + " ± " + fmt(column, row[f"{column}_std"])
+        return text
+
+    columns = [c for c in frame.columns if not c.endswith("_std")]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, row) for c in columns) + " |" for _, row in frame.iterrows()]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +121,36 @@ def plot(frame: pd.DataFrame, x: str, path: Path) -> None:
     save(fig, path)
 
 
+def plot_bars(frame: pd.DataFrame, path: Path) -> None:
+    """One group of bars per execution (named by the params that differ, else its name), one bar
+    per model, with the spread over seeds as error bars where there is one."""
+    from dae.figures import plt, save
+
+    # named by the values of the params that differ, words before numbers: "masking 0.7"
+    params = sorted((c for c in frame.columns if c.startswith("param ")),
+                    key=lambda c: pd.to_numeric(frame[c], errors="coerce").notna().all())
+    names = [" ".join(str(row[c]) for c in params) or row["experiment"] for _, row in frame.iterrows()]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / len(ROW_LABELS)
+    for ax, metric in zip(axes, ("mse", "mse_noisy", "accuracy")):
+        scale = 100 if metric == "accuracy" else 1
+        for i, (model, label) in enumerate(ROW_LABELS.items()):
+            values = scale * pd.to_numeric(frame[f"{model}.{metric}"])
+            spread = frame.get(f"{model}.{metric}_std")
+            ax.bar([g + (i - (len(ROW_LABELS) - 1) / 2) * width for g in range(len(frame))], values, width,
+                   yerr=None if spread is None else scale * pd.to_numeric(spread), capsize=2, label=label)
+        ax.set_xticks(range(len(frame)), names, rotation=15, ha="right", fontsize=9)
+        ax.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
+        if metric == "accuracy":
+            values = [scale * pd.to_numeric(frame[f"{m}.accuracy"]) for m in ROW_LABELS]
+            ax.set_ylim(max(0.0, min(v.min() for v in values) - 2), min(100.0, max(v.max() for v in values) + 1))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Test metrics" + (" (mean ± std over seeds)" if any(c.endswith("_std") for c in frame) else ""))
+    fig.tight_layout()
+    save(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dae.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,8 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dae-mnist",
                         help="the MLflow experiment to search (default: $MLFLOW_EXPERIMENT_NAME, else dae-mnist)")
     parser.add_argument("--x", help="a param to plot the metrics against, e.g. noise.level")
+    parser.add_argument("--bars", action="store_true",
+                        help="plot each execution's metrics as bars (for params that are not numbers, e.g. noise.type)")
     parser.add_argument("--out", default="reports/compare", help="output path without extension")
     args = parser.parse_args(argv)
+    if args.x and args.bars:
+        parser.error("--x and --bars both write <out>.png: give one")
 
     from dae.io import write_text, write_with
 
@@ -126,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     write_text(out.with_suffix(".md"), to_markdown(frame))
     if args.x:
         plot(frame, args.x, out.with_suffix(".png"))
+    elif args.bars:
+        plot_bars(frame, out.with_suffix(".png"))
     sys.stdout.write(to_markdown(frame))
 
 

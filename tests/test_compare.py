@@ -61,3 +61,39 @@ def test_help_names_the_module(capsys):
 def test_unknown_experiment_is_a_clear_error(store):
     with pytest.raises(SystemExit, match="no evaluate run found for 'nope'"):
         compare.collect(["nope"], "dae-mnist")
+
+
+def test_one_seed_executions_have_no_spread_columns(store):
+    frame = compare.collect(["sigma-01", "sigma-05"], "dae-mnist")
+    assert not [c for c in frame.columns if c.endswith("_std")]
+
+
+def _three_seed_frame() -> pd.DataFrame:
+    """Two executions as collect() returns them when their evaluate runs logged a spread."""
+    rows = []
+    for name, kind in (("mask", "masking"), ("sp", "salt_and_pepper")):
+        row = {"experiment": name, "pipeline_id": name, "param noise.type": kind}
+        for i, model in enumerate(compare.ROW_LABELS):
+            for metric in compare.METRICS:
+                row[f"{model}.{metric}"] = 0.9 if "accuracy" in metric else 0.01 * (i + 1)
+                row[f"{model}.{metric}_std"] = 0.002 if "accuracy" in metric else 0.0003
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_markdown_shows_mean_and_std_in_one_cell():
+    table = compare.to_markdown(_three_seed_frame())
+    header = table.splitlines()[0]
+    assert "_std" not in header and "greedy_ft.mse" in header
+    assert "| 0.0100 ± 0.0003 |" in table and "| 90.00 ± 0.20 % |" in table
+
+
+def test_bars_plot_writes_a_png(tmp_path):
+    compare.plot_bars(_three_seed_frame(), tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_x_and_bars_together_is_refused(store, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["sigma-01", "--x", "noise.level", "--bars", "--out", str(store / "x")])
+    assert "--x and --bars" in capsys.readouterr().err
