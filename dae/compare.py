@@ -142,8 +142,8 @@ def plot_bars(frame: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(range(len(frame)), names, rotation=15, ha="right", fontsize=9)
         ax.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
         if metric == "accuracy":
-            values = [scale * pd.to_numeric(frame[f"{m}.accuracy"]) for m in ROW_LABELS]
-            ax.set_ylim(max(0.0, min(v.min() for v in values) - 2), min(100.0, max(v.max() for v in values) + 1))
+            accuracies = pd.concat([scale * pd.to_numeric(frame[f"{m}.accuracy"]) for m in ROW_LABELS])
+            ax.set_ylim(max(0.0, accuracies.min() - 2), min(100.0, accuracies.max() + 1))
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     fig.suptitle("Test metrics" + (" (mean ± std over seeds)" if any(c.endswith("_std") for c in frame) else ""))

@@ -67,7 +67,7 @@ def mlflow_ui(store: Path, log: Path):
 def filter_runs(page, query: str, shown: str, absent: str, tries: int = 4) -> None:
     """Type `query` into the Runs page's search box until the grid shows a run named `shown` and
     none named `absent`. The page may still be loading, or restoring its last filter, when the
-    query is first typed (once seen in CI: the grid then showed no run for a minute), so a try that
+    query is first typed (seen once here: the grid showed no run for a minute), so a try that
     shows no change within 20 s types it again."""
     from playwright.sync_api import expect
 
