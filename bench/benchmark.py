@@ -64,13 +64,13 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
 
     from dae.model import TiedAutoencoder
     from dae.params import model_arch
-    from dae.train import autocast, fit, make_optimizer, reconstruction_loss, shared
-    from stages.common import fit_config, load_split
+    from dae.train import FitConfig, autocast, fit, make_optimizer, reconstruction_loss, shared
+    from dae.splits import load_split
 
-    train, val = load_split("train", device), load_split("val", device)
+    train, val = load_split("data/noisy", "train", device), load_split("data/noisy", "val", device)
     n = len(train["clean"])
     tiny_val = (shared(val["noisy"][:256], 1), shared(val["clean"][:256], 1))  # keep validation out of the timing
-    one_epoch = fit_config(params, "finetune", "greedy_ft")
+    one_epoch = FitConfig.from_section(params["finetune"], "greedy_ft")
     one_epoch.epochs = 1
 
     def fresh_model():
@@ -126,10 +126,9 @@ def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int 
     from dae.model import TiedAutoencoder
     from dae.noise import corrupt
     from dae.params import model_arch
-    from dae.train import make_optimizer, reconstruction_loss, shared, training_step
-    from stages.common import fit_config
+    from dae.train import FitConfig, make_optimizer, reconstruction_loss, shared, training_step
 
-    config = fit_config(params, "finetune", "random_ft")
+    config = FitConfig.from_section(params["finetune"], "random_ft")
     noise = params["noise"]
     images = torch.rand(4096, 784, device=device)  # the step's cost does not depend on the pixels
 
@@ -166,7 +165,7 @@ def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int 
 def startup_seconds(repeats: int = 3) -> float:
     """Median wall time of a fresh interpreter importing what a training stage imports before it
     trains (torch, MLflow, the dae modules): the floor of every stage's start-up."""
-    code = ("import torch, mlflow, dae.train, dae.model, dae.evaluate, dae.tracking, stages.common; "
+    code = ("import torch, mlflow, dae.train, dae.model, dae.evaluate, dae.tracking, dae.device, stages.common; "
             "from mlflow.tracking.context.registry import resolve_tags")
     times = []
     for _ in range(repeats):
@@ -264,9 +263,9 @@ def previous_repro(rev: str) -> dict:
 def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
     """Section 2 of the docstring: our epoch against the DataLoader's, and its FLOP rate."""
     from dae.params import deep_sizes
-    from stages.common import fit_config
+    from dae.train import FitConfig
 
-    finetune = fit_config(params, "finetune", "greedy_ft")
+    finetune = FitConfig.from_section(params["finetune"], "greedy_ft")
     ours, baseline, n_train = epoch_throughput(params, device, repeats)
     flops = train_step_flops(deep_sizes(params))
     epoch_gflops = ours * flops / 1e9
@@ -277,7 +276,7 @@ def epoch_figures(params: dict, device, repeats: int, rates: dict) -> dict:
               "epoch_fraction_of_matmul": round(epoch_gflops / peak, 5)}
     # The least time the deep fine-tuning (random_ft and greedy_ft, every seed) could take if it
     # ran at the device's matmul rate in its precision.
-    deep_epochs = len(params["seeds"]) * sum(fit_config(params, "finetune", m).epochs
+    deep_epochs = len(params["seeds"]) * sum(FitConfig.from_section(params["finetune"], m).epochs
                                              for m in ("random_ft", "greedy_ft"))
     result["deep_finetune_floor_seconds"] = round(deep_epochs * n_train * flops / (peak * 1e9), 1)
     print(f"one fine-tuning epoch, 8+8 model, batch {finetune.batch_size}, {finetune.precision} "
@@ -305,7 +304,7 @@ def main() -> None:
 
     from dae.io import write_json
     from dae.params import load
-    from stages.common import select_device
+    from dae.device import select_device
 
     params = load("params.yaml")
     device = select_device(params["device"])

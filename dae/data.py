@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -14,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from dae.env import switch
+from dae.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,6 @@ class DataError(RuntimeError):
     """A data file is missing, unreachable, corrupt or not what it claims to be."""
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _mirror_list(spec: DatasetSpec) -> list[str]:
@@ -86,7 +82,7 @@ def _mirror_list(spec: DatasetSpec) -> list[str]:
     local = os.environ.get(MIRROR_ENV)
     if local:
         mirrors.append(local)
-    if os.environ.get(PUBLIC_ENV, "on").lower() not in ("off", "0", "false", "no"):
+    if switch(PUBLIC_ENV):
         mirrors.extend(spec.mirrors)
     if not mirrors:
         raise DataError(f"no mirrors to try: {PUBLIC_ENV}=off and {MIRROR_ENV} is not set")
@@ -157,7 +153,7 @@ def download(dataset: str, out_dir: str | Path, mirrors: list[str] | None = None
                 except DataError as exc:
                     errors.append(str(exc))
                     continue
-                actual = sha256_of(tmp)
+                actual = file_digest(tmp, "sha256")
                 if actual != expected:
                     tmp.unlink(missing_ok=True)
                     errors.append(f"checksum mismatch for {name} from {source}: "
@@ -197,7 +193,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_split(raw_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_split(raw_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 [N, 784] and labels as int64 [N] for 'train' or 'test'."""
     images_file, labels_file, count = SPLIT_FILES[split]
     images = read_idx(Path(raw_dir) / images_file)

@@ -7,21 +7,21 @@ import torch
 from torch import nn
 
 from dae.model import affine
-from dae.train import FitConfig, classification_loss, fit, shared
-
-
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Apply `fn` to `x` in batches (bounded memory) and concatenate."""
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+from dae.train import FitConfig, apply_in_batches, classification_loss, fit, shared
 
 
 @torch.no_grad()
 def reconstruction_mse(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean over images of ‖target − AE(input)‖² / 784 (pixels in [0, 1])."""
     model.eval()
-    recon = batched(model, inputs)
+    recon = apply_in_batches(model, inputs)
     return torch.mean((recon - targets) ** 2).item()
+
+
+def reconstruction_metrics(model: nn.Module, test: dict) -> dict[str, float]:
+    """The table's two MSEs: from the clean test images (`mse`) and from their noisy copy (`mse_noisy`)."""
+    return {"mse": reconstruction_mse(model, test["clean"], test["clean"]),
+            "mse_noisy": reconstruction_mse(model, test["noisy"], test["clean"])}
 
 
 class CodeClassifier(nn.Module):

@@ -17,24 +17,39 @@ def save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
+def tile(images: np.ndarray, per_row: int, padding: int = 2) -> np.ndarray:
+    """28x28 images ([n, 784], pixels in [0, 1]) tiled `per_row` to a row on a white background,
+    `padding` pixels apart (torchvision's make_grid)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    batch = torch.as_tensor(np.clip(images, 0, 1), dtype=torch.float32).reshape(-1, 1, 28, 28)
+    return make_grid(batch, nrow=per_row, padding=padding, pad_value=1.0)[0].numpy()
+
+
+def _image_rows(axes, rows: dict[str, np.ndarray], col_labels: list[str] | None, fontsize: int) -> None:
+    """One tiled row of images per axis, labelled on the left (and the columns on top)."""
+    n_cols = max(len(v) for v in rows.values())
+    for ax, (label, images) in zip(axes, rows.items()):
+        images = np.asarray(images).reshape(-1, 784)
+        blank = np.ones((n_cols - len(images), 784), images.dtype)  # a short row ends in white
+        ax.imshow(tile(np.concatenate([images, blank]), n_cols), cmap="gray", vmin=0, vmax=1)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=fontsize)
+    if col_labels:  # above the first row, centred on each image (28 pixels, 2 of padding)
+        axes[0].xaxis.tick_top()
+        axes[0].set_xticks([2 + 30 * c + 14 for c in range(len(col_labels))], col_labels, fontsize=8)
+        axes[0].tick_params(length=0)
+
+
 def image_grid(rows: dict[str, np.ndarray], title: str, col_labels: list[str] | None = None):
     """One row of 28x28 images per entry of `rows` ({label: [n, 784]}), labelled on the left."""
     n_rows, n_cols = len(rows), max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.0 * n_cols + 1.6, 1.0 * n_rows + 0.6),
-                             squeeze=False)
-    for r, (label, images) in enumerate(rows.items()):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c < len(images):
-                ax.imshow(np.clip(images[c].reshape(28, 28), 0, 1), cmap="gray", vmin=0, vmax=1)
-            if c == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-            if r == 0 and col_labels:
-                ax.set_title(col_labels[c], fontsize=8)
+    fig, axes = plt.subplots(n_rows, 1, figsize=(1.0 * n_cols + 1.6, 1.0 * n_rows + 0.6), squeeze=False)
+    _image_rows(axes[:, 0], rows, col_labels, fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
@@ -86,17 +101,9 @@ def manifold(trajectories: dict[str, dict[int, np.ndarray]], plane: np.ndarray, 
     left, right = fig.subfigures(1, 2, width_ratios=[1.25, 1])
     starts = list(trajectories)
     steps = list(trajectories[starts[0]])
-    axes = left.subplots(len(starts), len(steps), squeeze=False)
-    for r, start in enumerate(starts):
-        for c, step in enumerate(steps):
-            ax = axes[r, c]
-            ax.imshow(np.clip(trajectories[start][step].reshape(28, 28), 0, 1), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"{step} step{'s' if step != 1 else ''}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(start, rotation=0, ha="right", va="center", fontsize=8)
+    rows = {start: np.stack([trajectories[start][step] for step in steps]) for start in starts}
+    axes = left.subplots(len(starts), 1, squeeze=False)[:, 0]
+    _image_rows(axes, rows, [f"{step} step{'s' if step != 1 else ''}" for step in steps], fontsize=8)
     left.suptitle("Iterating the denoiser x ← AE(x)", fontsize=11)
     ax = right.subplots()
     ax.imshow(np.clip(plane, 0, 1), cmap="gray", vmin=0, vmax=1)

@@ -1,10 +1,11 @@
-"""Atomic writes: a temporary file in the target's directory, then a rename.
+"""Atomic writes (a temporary file in the target's directory, then a rename) and file digests.
 
 A reader (or a stage killed half-way) sees either the old file or the new one, never a
 half-written one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -62,3 +63,9 @@ def save_torch(path: str | Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_with(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def file_digest(path: str | Path, algorithm: str = "md5") -> str:
+    """The hex digest of a file's bytes: MD5 as dvc.lock records outputs, SHA-256 for the data."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()

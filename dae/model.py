@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+# Names as in dae.params.ACTIVATIONS: this file travels alone inside every logged MLflow model
+# (dae/serving.py), so it imports nothing of dae; tests/test_params.py checks the two agree.
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 # f⁻¹ of each activation, and how far from its bounds a mean may lie before inverting it.
 INVERSES = {"sigmoid": (torch.logit, (1e-3, 1 - 1e-3)), "tanh": (torch.atanh, (-0.999, 0.999))}

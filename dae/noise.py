@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-NOISE_TYPES = ("gaussian", "masking", "salt_and_pepper")
+from dae.params import NOISE_TYPES
 
 
 def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator,

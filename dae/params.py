@@ -12,7 +12,13 @@ from typing import Any, Callable
 import yaml
 
 MODELS = ("shallow", "greedy", "random_ft", "greedy_ft")
-DEEP_LAYERS = 8  # dvc.yaml has one pretrain_layer stage per layer of the deep encoder
+DEEP_LAYERS = 8  # dvc.yaml has one pretrain_layer stage per layer of the deep encoder (a test checks)
+# The allowed values, defined here once; the modules that implement them import them from here.
+NOISE_TYPES = ("gaussian", "masking", "salt_and_pepper")        # dae.noise.corrupt
+ACTIVATIONS = ("sigmoid", "tanh")                                # dae.model (a test checks)
+SCHEDULES = ("cosine", "linear", "constant")                     # dae.train: after the warm-up
+PRECISIONS = ("float32", "bfloat16")                             # dae.train.autocast
+DEVICES = ("auto", "cpu", "cuda")                                # dae.device.select_device
 
 
 class ParamError(ValueError):
@@ -73,8 +79,8 @@ def _epochs_per_model(key: str, value: Any) -> None:
 def _fit_schema(section: str, epochs: Callable | None = None) -> dict[str, Callable]:
     return {f"{section}.epochs": epochs or _int(1), f"{section}.batch_size": _int(1),
             f"{section}.lr": _number(0, lo_open=True), f"{section}.weight_decay": _number(0),
-            f"{section}.warmup_epochs": _number(0), f"{section}.schedule": _choice("cosine", "linear", "constant"),
-            f"{section}.precision": _choice("float32", "bfloat16")}
+            f"{section}.warmup_epochs": _number(0), f"{section}.schedule": _choice(*SCHEDULES),
+            f"{section}.precision": _choice(*PRECISIONS)}
 
 
 SCHEMA: dict[str, Callable] = {
@@ -83,14 +89,14 @@ SCHEMA: dict[str, Callable] = {
     "data.split_seed": _int(0),
     "data.train_limit": _int(1, optional=True),
     "data.test_limit": _int(1, optional=True),
-    "noise.type": _choice("gaussian", "masking", "salt_and_pepper"),
+    "noise.type": _choice(*NOISE_TYPES),
     "noise.level": _number(0),
     "noise.clip": _choice(True, False),
     "noise.seed": _int(0),
     "arch.hidden": _int_list(DEEP_LAYERS - 1),
     "arch.bottleneck": _int(1),
     "arch.linear_code": _choice(True, False),
-    "arch.activation": _choice("sigmoid", "tanh"),
+    "arch.activation": _choice(*ACTIVATIONS),
     **_fit_schema("pretrain"),
     "pretrain.init_gain": _number(0, lo_open=True),
     **_fit_schema("finetune", _epochs_per_model),
@@ -103,7 +109,7 @@ SCHEMA: dict[str, Callable] = {
     "figures.n_digits": _int(1),
     "figures.tsne_points": _int(10),
     "seeds": _int_list(lo=0),
-    "device": _choice("auto", "cpu", "cuda"),
+    "device": _choice(*DEVICES),
 }
 
 
@@ -161,8 +167,18 @@ def model_arch(params: dict, model: str) -> dict:
     """The TiedAutoencoder architecture of one of the four models (see dae.model.from_arch)."""
     if model not in MODELS:
         raise ParamError(f"unknown model {model!r}; choose one of {list(MODELS)}")
-    sizes = [784, params["arch"]["bottleneck"]] if model == "shallow" else deep_sizes(params)
-    return {"sizes": sizes, "linear_code": params["arch"]["linear_code"],
+    if model != "shallow":
+        return pretrained_arch(params, DEEP_LAYERS)
+    return {"sizes": [784, params["arch"]["bottleneck"]], "linear_code": params["arch"]["linear_code"],
+            "activation": params["arch"]["activation"], "output_sigmoid": True}
+
+
+def pretrained_arch(params: dict, layers: int) -> dict:
+    """The architecture of the pretrained stack of the first `layers` layers of the deep encoder, as
+    pretrain_layer's checkpoint of layer `layers` holds it; the code layer is linear with
+    arch.linear_code, and the stack reconstructs pixels."""
+    return {"sizes": deep_sizes(params)[:layers + 1],
+            "linear_code": params["arch"]["linear_code"] and layers == DEEP_LAYERS,
             "activation": params["arch"]["activation"], "output_sigmoid": True}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 METRICS = ("mse", "mse_noisy", "accuracy", "accuracy_noisy")
 # How the report names each dataset and what one of its images is.
@@ -107,3 +108,50 @@ def markdown(summary: dict[str, dict[str, float]], n_seeds: int, dataset: str = 
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", definitions, "", CLASSIC.format(dim=code_dim), ""]
     return "\n".join(lines)
+
+
+def write_curve(path: str | Path, histories: list[list[dict]]) -> None:
+    """Per-epoch losses averaged over seeds ({epoch, train_loss, val_loss} rows), as CSV for `dvc plots`."""
+    import pandas as pd
+
+    from dae.io import write_with
+
+    frame = pd.concat([pd.DataFrame(h) for h in histories]).groupby("epoch", as_index=False).mean()
+    write_with(path, lambda tmp: frame[["epoch", "train_loss", "val_loss"]].to_csv(tmp, index=False))
+
+
+# The report page's figures (reports/figures/<file>) in order, with their captions.
+# {item}: "digit" on MNIST, "garment" on Fashion-MNIST; {dim}: the bottleneck size.
+CAPTIONS = {
+    "reconstructions.png": "Test {item}s (top), their noisy copies (second row) and each model's reconstruction "
+                           "from the noisy copy.",
+    "latent_space.png": "The {dim}-d test codes of each model projected to 2-D by PCA and t-SNE, coloured by class.",
+    "manifold.png": "The denoiser as a projection onto the {item} manifold: pure noise and heavily corrupted {item}s "
+                    "(σ = 0.8) fed through the 8+8 greedy + FT model again and again. Right: {item}s decoded along "
+                    "the code space's two leading principal directions.",
+    "morphing.png": "Morphing between test {item}s: decoding interpolated codes (code space) stays on the {item} "
+                    "manifold, while the pixel-space cross-fade only superimposes the two images.",
+    "pretrain_losses.png": "Validation loss of each greedily pretrained layer (reconstructing its input codes).",
+    "finetune_losses.png": "Validation MSE of the models trained end to end.",
+}
+# What the MNIST figure shows (checked by eye on the full-scale run; not true of every dataset).
+CAPTION_NOTES = {("mnist", "manifold.png"): " One step already turns every start into a smooth, stroke-like "
+                 "image; further steps drift along the manifold (towards digit-like shapes, not back to the "
+                 "original digit)."}
+
+
+def index_page(dataset: str, results_md: str, code_dim: int, figures_dir: str = "figures") -> str:
+    """reports/index.md: the results table (`results_md` without its title) and every figure with
+    its caption, titled after the dataset."""
+    item = DATASET_ITEMS[dataset]
+    table = results_md.split("\n", 1)[1]
+    page = [f"# Deep denoising autoencoders on {DATASET_TITLES[dataset]} — the reproduction", "",
+            "Everything below is produced by `dvc repro` (see the [README](../README.md)). The method (the "
+            "recipe, why each choice, what was rejected) is in [method.md](method.md); the full-scale studies "
+            "(noise level, noise type, Fashion-MNIST) are in [studies.md](studies.md).", "",
+            "## Results", table, "## Figures", ""]
+    for file, caption in CAPTIONS.items():
+        caption = caption.format(item=item, dim=code_dim) + CAPTION_NOTES.get((dataset, file), "")
+        page += [f"### {file.removesuffix('.png').replace('_', ' ').capitalize()}", "", caption, "",
+                 f"![{file}]({figures_dir}/{file})", ""]
+    return "\n".join(page)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dae.io import save_torch
+from dae.params import PRECISIONS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,20 @@ class FitConfig:
     # weights, the optimizer and the loss stay float32); "float32": plain float32.
     precision: str = "float32"
 
+    @classmethod
+    def from_section(cls, section: dict, model: str | None = None) -> "FitConfig":
+        """The config of a validated params section (pretrain, finetune, classifier); `model`
+        picks its entry of a per-model `epochs` mapping."""
+        epochs = section["epochs"][model] if isinstance(section["epochs"], dict) else section["epochs"]
+        return cls(epochs, section["batch_size"], section["lr"], section["weight_decay"],
+                   section["warmup_epochs"], schedule=section["schedule"], precision=section["precision"])
+
 
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one {epoch, train_loss, val_loss} per epoch
     best_epoch: int = 0
     best_val_loss: float = math.inf
-
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -77,9 +83,6 @@ def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 def autocast(device: torch.device, precision: str):
@@ -115,6 +118,13 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, tensors: Sequence[torch.Ten
         total += loss_fn(model, batch).double() * batch[0].shape[1]
     model.train(was_training)
     return (total / n).tolist()  # one device sync for all members
+
+
+@torch.no_grad()
+def apply_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     batch_size: int = 8192) -> torch.Tensor:
+    """`fn(x)` computed in batches of rows (bounded memory, no autograd) and concatenated."""
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def shared(tensor: torch.Tensor, members: int) -> torch.Tensor:

@@ -1,17 +1,19 @@
-"""download: the dataset's IDX files into data/raw/, verified by SHA-256.
+"""download: the dataset's IDX files into OUT (data/raw), verified by SHA-256.
 
 Mirrors are tried in order: $DAE_DATA_MIRROR (a folder or URL) first, then the public ones.
 """
-from stages.common import load_params, log, run_stage
+from stages.common import load_params, log, parser, run_stage
 
 
-def main() -> None:
+def main(args, name: str) -> None:
     from dae.data import download
 
-    params = load_params(["data"])
-    sources = download(params["data"]["dataset"], "data/raw")
-    log.info("data/raw: %d files verified", len(sources))
+    params, _ = load_params("download")
+    sources = download(params["data"]["dataset"], args.out)
+    log.info("%s: %d files verified", args.out, len(sources))
 
 
 if __name__ == "__main__":
-    run_stage("download", main)
+    cli = parser(__doc__, "stages.download")
+    cli.add_argument("out", help="folder for the IDX files")
+    run_stage("download", cli, main)

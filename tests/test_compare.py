@@ -15,12 +15,15 @@ def store(tmp_path, monkeypatch):
     for name, level in (("sigma-01", 0.1), ("sigma-05", 0.5)):
         monkeypatch.setenv("DVC_EXP_NAME", name)
         (tmp_path / "params.yaml").write_text(f"noise: {{level: {level}}}\n")
-        with tracking.stage_run("finetune", {"noise.level": level, "finetune.epochs": 30}) as run:
-            with run.seed(0, "finetune greedy_ft"):
-                run.log_metrics({"val_loss": level / 10}, step=1)
-        with tracking.stage_run("evaluate", {"classifier.epochs": 30}) as run:
-            with run.seed(0, "evaluate greedy_ft"):
-                run.log_metrics({"mse": 1.0})  # a per-seed run: must not be taken for the summary
+        with tracking.stage_run("finetune", {"noise.level": level, "finetune.epochs": 30}) as run, \
+                run.member_runs() as runs:
+            key = runs.start("finetune greedy_ft seed 0", 0)
+            runs.log(key, {"val_loss": level / 10}, step=1)
+            runs.finish(key)
+        with tracking.stage_run("evaluate", {"classifier.epochs": 30}) as run, run.member_runs() as runs:
+            key = runs.start("evaluate greedy_ft seed 0", 0)
+            runs.log(key, {"mse": 1.0})  # a per-seed run: must not be taken for the summary
+            runs.finish(key)
             run.log_metrics({f"{m}.{k}": level * (i + 1) for i, m in enumerate(LABELS)
                              for k in ("mse", "mse_noisy", "accuracy", "accuracy_noisy")})
     return tmp_path

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from dae.data import DATASETS, DataError, download, load_split, read_idx, split_indices
+from dae.data import DATASETS, DataError, download, read_idx, read_idx_split, split_indices
 
 
 def write_idx(path, array: np.ndarray, magic: int | None = None) -> None:
@@ -35,10 +35,10 @@ def test_read_idx_rejects_size_mismatch(tmp_path):
 
 
 def test_real_mnist_downloads_and_loads(mnist_raw):
-    images, labels = load_split(mnist_raw, "train")
+    images, labels = read_idx_split(mnist_raw, "train")
     assert images.shape == (60000, 784) and labels.shape == (60000,)
     assert set(np.unique(labels)) == set(range(10))
-    test_images, _ = load_split(mnist_raw, "test")
+    test_images, _ = read_idx_split(mnist_raw, "test")
     assert test_images.shape == (10000, 784)
 
 
@@ -102,5 +102,5 @@ def test_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.delenv("DAE_DATA_MIRROR", raising=False)
     sources = download("fashion-mnist", tmp_path, mirrors=["/usr/share/datasets/fashion-mnist"])
     assert len(sources) == 4
-    images, labels = load_split(tmp_path, "test")
+    images, labels = read_idx_split(tmp_path, "test")
     assert images.shape == (10000, 784) and sorted(set(labels.tolist())) == list(range(10))

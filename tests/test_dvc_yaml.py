@@ -7,11 +7,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported by stages but shaping none of their outputs: MLflow logging and the atomic writing of
-# files whose contents other modules compute.
-NOT_DEPENDENCIES = {"dae/tracking.py", "dae/io.py"}
-# What stages.common gives a stage that feeds its computation (the rest is logging, params,
-# error reporting); a stage that imports one of these depends on stages/common.py.
-COMMON_DATA = {"load_split", "load_checkpoint", "training_checkpoint", "write_curve"}
+# files whose contents other modules compute, and the DAE_* switches (mirrors, resuming).
+NOT_DEPENDENCIES = ("dae/tracking/", "dae/io.py", "dae/env.py")
 
 
 def _dae_modules(path: Path, seen: set[str]) -> set[str]:
@@ -25,16 +22,13 @@ def _dae_modules(path: Path, seen: set[str]) -> set[str]:
             continue
         for name in candidates:
             rel = name.replace(".", "/") + ".py"
+            if not (ROOT / rel).exists():  # a package: its __init__.py
+                rel = name.replace(".", "/") + "/__init__.py"
             if (ROOT / rel).exists() and rel != "dae/__init__.py" and rel not in seen:
                 seen.add(rel)
-                _dae_modules(ROOT / rel, seen)
+                if not rel.startswith(NOT_DEPENDENCIES):  # what they import shapes no output either
+                    _dae_modules(ROOT / rel, seen)
     return seen
-
-
-def _uses_common_data(path: Path) -> bool:
-    return any(isinstance(node, ast.ImportFrom) and node.module == "stages.common"
-               and COMMON_DATA & {alias.name for alias in node.names}
-               for node in ast.walk(ast.parse(path.read_text())))
 
 
 def test_every_stage_depends_on_the_code_that_computes_its_outputs():
@@ -44,9 +38,7 @@ def test_every_stage_depends_on_the_code_that_computes_its_outputs():
         stage = stage.get("do", stage)
         script = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
         deps = {dep for dep in stage["deps"] if isinstance(dep, str)}
-        needed = {script} | (_dae_modules(ROOT / script, set()) - NOT_DEPENDENCIES)
-        if _uses_common_data(ROOT / script):
-            needed.add("stages/common.py")
+        needed = {script} | {m for m in _dae_modules(ROOT / script, set()) if not m.startswith(NOT_DEPENDENCIES)}
         assert needed <= deps, f"stage {name} is missing deps {sorted(needed - deps)}"
         missing_files = [dep for dep in deps if "$" not in dep and not (ROOT / dep).exists()
                          and not dep.startswith("data/")]
@@ -63,3 +55,21 @@ def test_the_committed_lock_holds_only_the_stages_of_dvc_yaml():
         names |= {f"{name}@{item}" for item in items} if items is not None else {name}
     locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
     assert locked == names
+
+
+def test_no_stage_writes_a_path_of_dvc_yaml_again():
+    """dvc.yaml is the one source of paths: the stages get theirs from the command line."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    paths = set()
+    for stage in stages.values():
+        stage = stage.get("do", stage)
+        for key in ("deps", "outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                path = entry if isinstance(entry, str) else next(iter(entry))
+                if path.startswith(("data/", "reports/")) and "$" not in path:
+                    paths.add(path)
+    paths |= {str(Path(p).parent) for p in paths if "/" in str(Path(p).parent)}
+    for script in (ROOT / "stages").glob("*.py"):
+        text = script.read_text()
+        written = sorted(p for p in paths if f'"{p}' in text or f"'{p}" in text)
+        assert not written, f"{script.name} writes {written}; pass it on the command line in dvc.yaml"

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from dae.evaluate import accuracy, batched, reconstruction_mse, train_classifiers
+from dae.evaluate import accuracy, reconstruction_mse, train_classifiers
+from dae.train import apply_in_batches
 from dae.train import FitConfig
 
 
@@ -30,9 +31,9 @@ def test_mse_is_per_pixel_mean_of_per_image_squared_error():
     assert reconstruction_mse(nn.Identity(), x, y) == pytest.approx(per_image.mean().item(), rel=1e-6)
 
 
-def test_batched_matches_unbatched():
+def test_apply_in_batches_matches_one_call():
     x = torch.rand(20000, 3)
-    assert torch.equal(batched(lambda t: t * 2, x, batch_size=777), x * 2)
+    assert torch.equal(apply_in_batches(lambda t: t * 2, x, batch_size=777), x * 2)
 
 
 def test_classifier_on_codes_learns_separable_classes():

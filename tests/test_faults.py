@@ -16,7 +16,7 @@ import torch
 from tests.workspace import Workspace, prepare_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = [("stages.pretrain_layer", str(k)) for k in range(1, 9)] + [("stages.finetune",)]
+TRAINING_STAGES = [f"pretrain_layer@{k}" for k in range(1, 9)] + ["finetune"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def assert_download_failed(ws, result, *names):
 def run_download(ws, mirror):
     shutil.rmtree(ws.path / "data" / "raw")  # as DVC does before running the stage
     # Only the given mirror: the public ones are unreachable here and would only add time.
-    return ws.stage("stages.download", env={"DAE_DATA_MIRROR": str(mirror), "DAE_PUBLIC_MIRRORS": "off"})
+    return ws.stage("download", env={"DAE_DATA_MIRROR": str(mirror), "DAE_PUBLIC_MIRRORS": "off"})
 
 
 def test_truncated_gz(ws, tmp_path):
@@ -97,7 +97,7 @@ def test_wrong_idx_magic(ws):
     raw = ws.path / "data" / "raw" / "train-labels-idx1-ubyte"
     raw.write_bytes(b"\x00\x00\x08\x02" + raw.read_bytes()[4:])
     before = ws.snapshot("data/noisy")
-    result = ws.stage("stages.noise")
+    result = ws.stage("noise")
     assert result.returncode == 1 and "train-labels-idx1-ubyte: wrong IDX magic number" in result.stderr
     assert ws.snapshot("data/noisy") == before
 
@@ -105,7 +105,7 @@ def test_wrong_idx_magic(ws):
 def test_wrong_image_count(ws):
     raw = ws.path / "data" / "raw" / "t10k-images-idx3-ubyte"
     raw.write_bytes(raw.read_bytes()[:-784])  # one image short of what the header says
-    result = ws.stage("stages.noise")
+    result = ws.stage("noise")
     assert result.returncode == 1 and "t10k-images-idx3-ubyte: header says (10000, 28, 28)" in result.stderr
 
 
@@ -114,30 +114,29 @@ def test_wrong_dimensions(ws):
     import numpy as np
 
     write_idx(ws.path / "data" / "raw" / "t10k-images-idx3-ubyte", np.zeros((10000, 14, 56), np.uint8))
-    result = ws.stage("stages.noise")
+    result = ws.stage("noise")
     assert result.returncode == 1 and "expected 28x28 images" in result.stderr
 
 
 # --- Params ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage, key, value, message", [
-    ("stages.noise", "noise.level", -0.3, "noise.level: must be a finite number >= 0, got -0.3"),
-    ("stages.noise", "noise.level", float("nan"), "noise.level: must be a finite number >= 0, got nan"),
-    ("stages.noise", "noise.type", "speckle", "noise.type: must be one of"),
-    ("stages.download", "data.dataset", "cifar10", "data.dataset: must be one of"),
-    ("stages.pretrain_layer", "arch.hidden", [64, 56, "x", 40, 32, 24, 16], "arch.hidden: must be a non-empty list"),
-    ("stages.pretrain_layer", "arch.bottleneck", 100, "arch.bottleneck: 100 is wider than the narrowest"),
-    ("stages.pretrain_layer", "pretrain.epochs", 0, "pretrain.epochs: must be an integer >= 1, got 0"),
-    ("stages.pretrain_layer", "pretrain.lr", -0.1, "pretrain.lr: must be a finite number > 0"),
-    ("stages.pretrain_layer", "pretrain.batch_size", 0, "pretrain.batch_size: must be an integer >= 1"),
-    ("stages.pretrain_layer", "device", "tpu", "device: must be one of ['auto', 'cpu', 'cuda']"),
+    ("noise", "noise.level", -0.3, "noise.level: must be a finite number >= 0, got -0.3"),
+    ("noise", "noise.level", float("nan"), "noise.level: must be a finite number >= 0, got nan"),
+    ("noise", "noise.type", "speckle", "noise.type: must be one of"),
+    ("download", "data.dataset", "cifar10", "data.dataset: must be one of"),
+    ("pretrain_layer@1", "arch.hidden", [64, 56, "x", 40, 32, 24, 16], "arch.hidden: must be a non-empty list"),
+    ("pretrain_layer@1", "arch.bottleneck", 100, "arch.bottleneck: 100 is wider than the narrowest"),
+    ("pretrain_layer@1", "pretrain.epochs", 0, "pretrain.epochs: must be an integer >= 1, got 0"),
+    ("pretrain_layer@1", "pretrain.lr", -0.1, "pretrain.lr: must be a finite number > 0"),
+    ("pretrain_layer@1", "pretrain.batch_size", 0, "pretrain.batch_size: must be an integer >= 1"),
+    ("pretrain_layer@1", "device", "tpu", "device: must be one of ['auto', 'cpu', 'cuda']"),
 ])
 def test_bad_params_fail_before_any_work(ws, stage, key, value, message):
     ws.set_param(key, value)
-    args = (stage, "1") if stage == "stages.pretrain_layer" else (stage,)
-    folder = {"stages.noise": "data/noisy", "stages.download": "data/raw"}.get(stage, "data/models")
+    folder = {"noise": "data/noisy", "download": "data/raw"}.get(stage, "data/models")
     before = ws.snapshot(folder)
-    result = ws.stage(*args)
+    result = ws.stage(stage)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert ws.snapshot(folder) == before  # nothing replaced
 
@@ -145,14 +144,14 @@ def test_bad_params_fail_before_any_work(ws, stage, key, value, message):
 def test_masking_fraction_out_of_range(ws):
     ws.set_param("noise.type", "masking")
     ws.set_param("noise.level", 1.2)
-    result = ws.stage("stages.noise")
+    result = ws.stage("noise")
     assert result.returncode == 1 and "noise.level: a masking fraction must be in [0, 1]" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(ws):
     ws.set_param("device", "cuda")
-    result = ws.stage("stages.pretrain_layer", "1")
+    result = ws.stage("pretrain_layer@1")
     assert result.returncode == 1 and "'cuda' was requested but CUDA is not available" in result.stderr
 
 
@@ -160,14 +159,14 @@ def test_cuda_requested_without_cuda(ws):
 
 def test_corrupt_checkpoint(ws):
     (ws.path / "data/models/pretrain/layer_1.pt").write_bytes(b"not a checkpoint at all")
-    result = ws.stage("stages.pretrain_layer", "2")
+    result = ws.stage("pretrain_layer@2")
     assert result.returncode == 1 and "layer_1.pt is corrupt" in result.stderr
     assert not (ws.path / "data/models/pretrain/layer_2.pt").exists()
 
 
 def test_checkpoint_architecture_mismatch(ws):
     ws.set_param("arch.hidden", [60, 56, 48, 40, 32, 24, 16])
-    result = ws.stage("stages.pretrain_layer", "2")
+    result = ws.stage("pretrain_layer@2")
     assert result.returncode == 1 and "layer_1.pt has architecture" in result.stderr
     assert "[784, 64]" in result.stderr and "[784, 60]" in result.stderr
 
@@ -175,7 +174,7 @@ def test_checkpoint_architecture_mismatch(ws):
 def test_diverging_loss_names_stage_epoch_and_lr(ws):
     ws.set_param("pretrain.lr", 1e38)  # Adam steps of ~lr overflow float32
     before = ws.snapshot("data/models")
-    result = ws.stage("stages.pretrain_layer", "1")
+    result = ws.stage("pretrain_layer@1")
     assert result.returncode == 1, result.stderr
     assert "pretrain_layer@1 seed 0: loss became nan at epoch 1" in result.stderr
     assert "lower learning rate" in result.stderr
@@ -184,7 +183,7 @@ def test_diverging_loss_names_stage_epoch_and_lr(ws):
 
 def test_unreachable_tracking_server_fails_fast(ws):
     start = time.monotonic()
-    result = ws.stage("stages.pretrain_layer", "1",
+    result = ws.stage("pretrain_layer@1",
                       env={"DAE_TRACKING": "on", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == 1 and "cannot use the MLflow tracking store http://127.0.0.1:9" in result.stderr
     assert "DAE_TRACKING=off" in result.stderr and "epoch 1" not in result.stderr
@@ -194,7 +193,7 @@ def test_unreachable_tracking_server_fails_fast(ws):
 def test_unwritable_output_folder(ws):
     shutil.rmtree(ws.path / "data/models/pretrain")
     (ws.path / "data/models/pretrain").write_text("a file where the output folder should be")
-    result = ws.stage("stages.pretrain_layer", "1")
+    result = ws.stage("pretrain_layer@1")
     assert result.returncode == 1 and "ERROR in stage pretrain_layer@1:" in result.stderr
     assert "data/models/pretrain" in result.stderr
 
@@ -205,7 +204,7 @@ def test_unwritable_output_folder(ws):
 def full_chain(prepared, tmp_path_factory):
     """The prepared workspace with every training stage and evaluate run once."""
     ws = prepared.copy(tmp_path_factory.mktemp("chain") / "ws")
-    ws.run_all(TRAINING_STAGES[1:] + [("stages.evaluate",)])
+    ws.run_all(TRAINING_STAGES[1:] + ["evaluate"])
     return ws
 
 
@@ -224,7 +223,7 @@ def test_kill_mid_training_leaves_no_output_and_resumes_identically(chain, sig):
     outputs = sorted((ws.path / "data/models/finetune").glob("*.pt"))
     for path in outputs:
         path.unlink()  # as DVC does before running the stage
-    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=ws.path, env=ws.env,
+    proc = subprocess.Popen(ws.command("finetune"), cwd=ws.path, env=ws.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # kill it once a few epochs have been checkpointed
         if "greedy_ft seed 0 epoch 3/150" in line:  # random_ft and greedy_ft: one stack of two
@@ -239,14 +238,14 @@ def test_kill_mid_training_leaves_no_output_and_resumes_identically(chain, sig):
     assert not any(path.exists() for path in outputs)
     assert (ws.path / "data/checkpoints/finetune/random_ft+greedy_ft.pt").exists()
 
-    resumed = ws.stage("stages.finetune")
+    resumed = ws.stage("finetune")
     assert resumed.returncode == 0, resumed.stderr
     # The kill came after epoch 3 was logged: epoch 2 at least was checkpointed.
     assert re.search(r"resuming after epoch ([2-9]|[1-3][0-9])\b", resumed.stderr), resumed.stderr
     assert not (ws.path / "data/checkpoints/finetune").exists()  # cleared once done
     resumed_bytes = {path.name: path.read_bytes() for path in outputs}
 
-    uninterrupted = ws.stage("stages.finetune")
+    uninterrupted = ws.stage("finetune")
     assert uninterrupted.returncode == 0 and "resuming" not in uninterrupted.stderr
     assert {path.name: path.read_bytes() for path in outputs} == resumed_bytes
 
@@ -256,5 +255,5 @@ def test_two_cpu_runs_are_bit_identical(chain):
     ws = chain
     before = {p: (ws.path / p).read_bytes() for p in
               ["reports/metrics.json", "data/models/pretrain/layer_8.pt", "data/models/finetune/random_ft.pt"]}
-    ws.run_all(TRAINING_STAGES + [("stages.evaluate",)])
+    ws.run_all(TRAINING_STAGES + ["evaluate"])
     assert {p: (ws.path / p).read_bytes() for p in before} == before

@@ -84,7 +84,10 @@ def test_model_arch(params):
 
 
 def test_finetune_epochs_per_model_or_one_for_all(params):
-    from stages.common import fit_config
+    from dae.train import FitConfig
+
+    def fit_config(params, section, model):
+        return FitConfig.from_section(params[section], model)
 
     params["finetune"]["epochs"] = 7
     assert {fit_config(params, "finetune", m).epochs for m in ("shallow", "random_ft", "greedy_ft")} == {7}
@@ -96,3 +99,19 @@ def test_finetune_epochs_per_model_or_one_for_all(params):
     assert [fit_config(params, s, "greedy_ft").schedule for s in sections] == [params[s]["schedule"] for s in sections]
     flat = section_flat(params, ["finetune"])
     assert flat["finetune.epochs.random_ft"] == 5 and "finetune.epochs" not in flat  # one MLflow param each
+
+
+def test_each_allowed_value_list_is_the_one_its_module_implements():
+    """dae.model travels alone inside every logged MLflow model, so it names its activations itself."""
+    from dae import model, params as params_mod
+
+    assert tuple(model.ACTIVATIONS) == params_mod.ACTIVATIONS
+
+
+def test_dvc_yaml_has_one_pretrain_layer_stage_per_deep_layer():
+    import yaml
+
+    from dae.params import DEEP_LAYERS
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    assert list(stages["pretrain_layer"]["foreach"]) == [str(k) for k in range(1, DEEP_LAYERS + 1)]

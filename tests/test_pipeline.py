@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,18 @@ def workspace(tmp_path_factory, mnist_mirror):
     first = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(stdout) + rest, log.read_text())
     assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
     return ws, run, first, second
+
+
+@contextmanager
+def params_restored(ws: Path, run):
+    """A test that changes the shared workspace's params puts them back, and its outputs with them
+    (`dvc repro` restores them from DVC's run cache), so that no test depends on another's order."""
+    before = (ws / "params.yaml").read_text()
+    try:
+        yield
+    finally:
+        (ws / "params.yaml").write_text(before)
+        run(sys.executable, "-m", "dvc", "repro")
 
 
 def test_every_stage_runs(workspace):
@@ -266,25 +279,27 @@ def test_models_are_dvc_artifacts(workspace, tmp_path):
 
 def test_finetune_change_reruns_only_what_depends_on_it(workspace):
     ws, run, *_ = workspace
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["finetune"]["epochs"] = 3
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    diff = run(sys.executable, "-m", "dvc", "params", "diff")
-    assert "finetune.epochs" in diff.stdout
-    ran = ran_stages(run(sys.executable, "-m", "dvc", "repro").stdout)
-    assert {"finetune", "evaluate", "figures"} <= set(ran)
-    assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]
+    with params_restored(ws, run):
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        params["finetune"]["epochs"] = 3
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        diff = run(sys.executable, "-m", "dvc", "params", "diff")
+        assert "finetune.epochs" in diff.stdout
+        ran = ran_stages(run(sys.executable, "-m", "dvc", "repro").stdout)
+        assert {"finetune", "evaluate", "figures"} <= set(ran)
+        assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]
 
 
 def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
     """`dvc exp run -S arch.bottleneck=2`: the 2-D variant runs, and MLflow knows the experiment."""
     ws, run, *_ = workspace
-    result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
-    assert "figures" in ran_stages(result.stdout)
-    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-    assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
-    assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
-    assert "2-d" in (ws / "reports" / "index.md").read_text()
+    with params_restored(ws, run):
+        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
+        assert "figures" in ran_stages(result.stdout)
+        metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+        assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
+        assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
+        assert "2-d" in (ws / "reports" / "index.md").read_text()
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
@@ -301,17 +316,18 @@ def test_fashion_mnist_runs_the_same_pipeline(workspace):
     tried first, fail them; Debian's folder passes), and a report that names the dataset and has
     no slide numbers."""
     ws, run, *_ = workspace
-    result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist")
-    log = result.stdout + result.stderr
-    assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
-    table = (ws / "reports" / "results.md").read_text()
-    assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
-    header = next(line for line in table.splitlines() if line.startswith("| model"))
-    assert "slide" not in header.lower()
-    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-    assert all(math.isfinite(row["mse"]) for row in metrics.values())
-    page = (ws / "reports" / "index.md").read_text()
-    assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
+    with params_restored(ws, run):
+        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist")
+        log = result.stdout + result.stderr
+        assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
+        table = (ws / "reports" / "results.md").read_text()
+        assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
+        header = next(line for line in table.splitlines() if line.startswith("| model"))
+        assert "slide" not in header.lower()
+        metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+        assert all(math.isfinite(row["mse"]) for row in metrics.values())
+        page = (ws / "reports" / "index.md").read_text()
+        assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
     import mlflow  # its runs have an experiment of their own, tagged with the dataset
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")

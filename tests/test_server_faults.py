@@ -1,7 +1,7 @@
 """Faults of a team setup while a stage trains: the tracking server stopped (and back, or not),
 and PostgreSQL stopped under the running server.
 
-What a stage does (dae/tracking.py): a server or database that goes away mid-stage is waited for,
+What a stage does (dae/tracking/): a server or database that goes away mid-stage is waited for,
 MLflow's client retrying each request with backoff for about two minutes; if it comes back, the
 stage completes with every metric point logged exactly once; if not, the stage stops with one
 line, writes no outputs, and the rerun resumes from the last completed epoch.
@@ -37,7 +37,7 @@ def server(postgres_uri, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, mnist_mirror):
     ws = prepare_workspace(tmp_path_factory.mktemp("faults-ws"), mnist_mirror)
-    ws.run_all([("stages.pretrain_layer", str(k)) for k in range(2, 9)])  # finetune reads layer 8
+    ws.run_all([f"pretrain_layer@{k}" for k in range(2, 9)])  # finetune reads layer 8
     # shallow trains first; the fault comes in its epochs.
     ws.set_param("finetune.epochs", {"shallow": EPOCHS, "random_ft": 1, "greedy_ft": 1})
     return ws
@@ -53,7 +53,7 @@ def ws(prepared, server, tmp_path):
 
 def train_and(ws, fault, env: dict | None = None) -> tuple[int, str]:
     """Run finetune; after shallow's epoch KILL_AT call fault(); return its exit status and output."""
-    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=ws.path,
+    proc = subprocess.Popen(ws.command("finetune"), cwd=ws.path,
                             env={**ws.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []
@@ -111,7 +111,7 @@ def test_server_gone_for_good_the_stage_stops_with_one_line_and_no_outputs(ws, s
         assert (ws.path / "data/checkpoints/finetune/shallow.pt").exists()
     finally:
         server.start()
-    resumed = ws.stage("stages.finetune")
+    resumed = ws.stage("finetune")
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resuming after epoch ([4-9]|\d\d+)\b", resumed.stderr), resumed.stderr
     assert (ws.path / "data/models/finetune/shallow.pt").exists()

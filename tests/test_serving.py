@@ -28,10 +28,11 @@ def store(tmp_path, monkeypatch):
     model = TiedAutoencoder([784, 64, 8], linear_code=True)
     model.reset_parameters(4.0, torch.Generator().manual_seed(0))
     images = torch.rand(50, 784)
-    with tracking.stage_run("evaluate", {"a": 1}) as run:
-        with run.seed(0, "evaluate greedy_ft"):
-            uri = run.log_model("greedy_ft-seed0", {"arch": model.arch(), "state_dict": model.state_dict()},
-                                {"mse": 0.5}, images[:2].numpy(), tags={"model": "greedy_ft", "seed": "0"})
+    with tracking.stage_run("evaluate", {"a": 1}) as run, run.member_runs() as runs:
+        key = runs.start("evaluate greedy_ft seed 0", 0, {"model": "greedy_ft"})
+        uri = runs.log_model(key, "greedy_ft-seed0", {"arch": model.arch(), "state_dict": model.state_dict()},
+                             {"mse": 0.5}, images[:2].numpy(), tags={"model": "greedy_ft", "seed": "0"})
+        runs.finish(key)
         version = run.register(uri, "dae-mnist-greedy_ft", seed=0)
     return tmp_path, model, images, uri, version
 

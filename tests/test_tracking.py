@@ -3,14 +3,7 @@ import os
 import pytest
 
 from dae import tracking
-
-
-def test_repo_root_sees_through_dvc_experiment_workspaces(tmp_path):
-    (tmp_path / ".dvc").mkdir()
-    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
-    (workspace / ".dvc").mkdir(parents=True)
-    assert tracking.repo_root(workspace) == tmp_path.resolve()
-    assert tracking.repo_root(tmp_path / ".dvc") == tmp_path.resolve()
+from dae.tracking import store
 
 
 def test_default_uri_is_sqlite_at_the_root(tmp_path, monkeypatch):
@@ -31,7 +24,7 @@ def test_a_store_first_used_by_a_queued_experiment_keeps_artifacts_at_the_root(t
     (temp_copy / "params.yaml").write_text("seeds: [0]\n")
     monkeypatch.chdir(temp_copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with tracking.stage_run("stage", {"a": 1}) as run:
+    with tracking.stage_run("stage", {"a": 1}, root=tmp_path, move_alias=False) as run:
         run.log_artifact(temp_copy / "params.yaml")
     artifacts = list((tmp_path / "mlruns").rglob("params.yaml"))
     assert len(artifacts) == 1 and not (temp_copy / "mlruns").exists()
@@ -42,16 +35,16 @@ def test_retry_settings_while_a_stage_runs_and_the_users_own_win(monkeypatch):
     names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
     for name in names:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(tracking, "_user_http_env", None)
-    with tracking._http_policy(tracking.RETRIES_WHILE_RUNNING, "120", "1"):
-        assert [os.environ[n] for n in names] == [tracking.RETRIES_WHILE_RUNNING, "1", "120"]
-        with tracking._http_policy(tracking.STARTUP_RETRIES, tracking.STARTUP_TIMEOUT_S):  # nests
+    monkeypatch.setattr(store, "USER_RETRY_ENV", frozenset())
+    with store.http_policy(store.RETRIES_WHILE_RUNNING, "120", "1"):
+        assert [os.environ[n] for n in names] == [store.RETRIES_WHILE_RUNNING, "1", "120"]
+        with store.http_policy(store.STARTUP_RETRIES, store.STARTUP_TIMEOUT_S):  # nests
             assert os.environ[names[0]] == "0" and os.environ[names[2]] == "10"
-        assert os.environ[names[0]] == tracking.RETRIES_WHILE_RUNNING
+        assert os.environ[names[0]] == store.RETRIES_WHILE_RUNNING
     assert not [n for n in names if n in os.environ]
-    monkeypatch.setenv(names[0], "2")
-    monkeypatch.setattr(tracking, "_user_http_env", None)
-    with tracking._http_policy(tracking.STARTUP_RETRIES, tracking.STARTUP_TIMEOUT_S):
+    monkeypatch.setenv(names[0], "2")  # the user's own, exported before the stage started
+    monkeypatch.setattr(store, "USER_RETRY_ENV", frozenset({names[0]}))
+    with store.http_policy(store.STARTUP_RETRIES, store.STARTUP_TIMEOUT_S):
         assert os.environ[names[0]] == "2"
     assert os.environ[names[0]] == "2"
 
@@ -78,10 +71,11 @@ def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "params.yaml").write_text("seeds: [0]\n")
     monkeypatch.setenv("DAE_TRACKING", "off")
-    with tracking.stage_run("stage", {"a": 1}) as run:
+    with tracking.stage_run("stage", {"a": 1}) as run, run.member_runs() as runs:
         run.log_metrics({"x": 1.0})
-        with run.seed(0, "stage"):
-            run.log_metrics({"y": 2.0}, step=1)
+        key = runs.start("stage seed 0", 0)
+        runs.log(key, {"y": 2.0}, step=1)
+        runs.finish(key)
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -93,9 +87,10 @@ def test_stage_run_logs_params_metrics_and_shared_tags(tmp_path, monkeypatch):
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "params.yaml").write_text("seeds: [0]\n")
     for stage in ("pretrain_layer@1", "evaluate"):
-        with tracking.stage_run(stage, {"lr": 0.1}) as run:
-            with run.seed(0, stage):
-                run.log_metrics({"val_loss": 0.5}, step=1)
+        with tracking.stage_run(stage, {"lr": 0.1}) as run, run.member_runs() as runs:
+            key = runs.start(f"{stage} seed 0", 0)
+            runs.log(key, {"val_loss": 0.5}, step=1)
+            runs.finish(key)
             run.log_metrics({"mse": 0.01})
     import mlflow
 
@@ -135,7 +130,7 @@ def test_experiment_created_by_another_process_meanwhile_is_used():
         def create_experiment(self, name, artifact_location=None):
             raise RuntimeError("RESOURCE_ALREADY_EXISTS")
 
-    assert tracking._experiment_id(Raced(), "dae-mnist", None) == "7"
+    assert store.experiment_id(Raced(), "dae-mnist", None) == "7"
 
 
 def _log_one_stage(root: str, stage: str) -> None:
@@ -153,8 +148,11 @@ def _log_one_stage(root: str, stage: str) -> None:
         from dae.model import TiedAutoencoder
 
         model = TiedAutoencoder([784, 4])
-        uri = run.log_model("m", {"arch": model.arch(), "state_dict": model.state_dict()}, {"mse": 0.1},
-                            np.zeros((1, 784), np.float32), tags={})
+        with run.member_runs() as runs:
+            key = runs.start(f"{stage} m seed 0", 0)
+            uri = runs.log_model(key, "m", {"arch": model.arch(), "state_dict": model.state_dict()}, {"mse": 0.1},
+                                 np.zeros((1, 784), np.float32), tags={})
+            runs.finish(key)
         run.register(uri, "dae-mnist-greedy_ft", seed=0)
 
 
@@ -175,7 +173,8 @@ def test_parallel_stages_share_a_new_sqlite_store(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     found = mlflow.search_runs(experiment_names=["dae-mnist"])
-    assert sorted(found["tags.stage"]) == ["stage0", "stage1", "stage2"]
+    parents = found[found["tags.mlflow.parentRunId"].isna()]
+    assert sorted(parents["tags.stage"]) == ["stage0", "stage1", "stage2"] and len(found) == 6  # + one member each
     versions = mlflow.MlflowClient().search_model_versions("name = 'dae-mnist-greedy_ft'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # none failed, none duplicated
 
@@ -228,3 +227,13 @@ def test_refused_credentials_stop_the_stage_at_once_with_one_clear_line(tmp_path
         assert "not-the-password" not in str(caught.value)
     finally:
         server.shutdown()
+
+
+def test_dataset_digests_change_with_the_data_and_the_noise_only():
+    data = {"dataset": "mnist", "val_size": 5000}
+    noise = {"type": "gaussian", "level": 0.3}
+    train, val = tracking.dataset_inputs(data, noise, ["train", "val"])
+    assert train["name"] == "mnist-train" and train["split"] == "train" and train["digest"] != val["digest"]
+    assert tracking.dataset_inputs(data, noise, ["train"])[0] == train
+    assert tracking.dataset_inputs(data, noise | {"level": 0.5}, ["train"])[0]["digest"] != train["digest"]
+    assert tracking.dataset_inputs(data | {"dataset": "fashion-mnist"}, noise, ["train"])[0]["name"] == "fashion-mnist-train"

@@ -12,9 +12,9 @@ from dae.train import (FitConfig, TrainingDiverged, autocast, fit, make_optimize
 
 @pytest.fixture(scope="module")
 def digits(mnist_raw):
-    from dae.data import load_split
+    from dae.data import read_idx_split
 
-    images, labels = load_split(mnist_raw, "train")
+    images, labels = read_idx_split(mnist_raw, "train")
     x = torch.from_numpy(images[:3000].copy()).float() / 255
     noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     return x, noisy, torch.from_numpy(labels[:3000].copy())

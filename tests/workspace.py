@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,15 +45,32 @@ class Workspace:
         node[last] = value
         (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    def stage(self, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", *args], cwd=self.path, env={**self.env, **(env or {})},
+    def command(self, stage: str) -> list[str]:
+        """The command line dvc.yaml gives `stage` (`pretrain_layer@2`: its foreach item filled in),
+        run by this interpreter."""
+        stages = yaml.safe_load((self.path / "dvc.yaml").read_text())["stages"]
+        base, _, key = stage.partition("@")
+        entry = stages[base]
+        if "foreach" in entry:
+            cmd = entry["do"]["cmd"].replace("${key}", key)
+            for name, value in entry["foreach"][key].items():
+                cmd = cmd.replace(f"${{item.{name}}}", value)
+        else:
+            cmd = entry["cmd"]
+        words = shlex.split(cmd)
+        assert words[0] == "python", cmd
+        return [sys.executable, *words[1:]]
+
+    def stage(self, stage: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        """Run one stage as dvc.yaml would, outside DVC (no lock, no cache)."""
+        return subprocess.run(self.command(stage), cwd=self.path, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
-    def run_all(self, stages: list[tuple[str, ...]]) -> None:
+    def run_all(self, stages: list[str]) -> None:
         """Run stages in order; each must succeed."""
-        for args in stages:
-            result = self.stage(*args)
-            assert result.returncode == 0, f"{args}: {result.stderr}"
+        for stage in stages:
+            result = self.stage(stage)
+            assert result.returncode == 0, f"{stage}: {result.stderr}"
 
     def copy(self, dest: Path) -> "Workspace":
         shutil.copytree(self.path, dest)
@@ -66,14 +84,14 @@ class Workspace:
 def prepare_workspace(path: Path, mnist_mirror: Path) -> Workspace:
     """The stages' code and the tiny profile in `path`, with download, noise and pretrain_layer 1
     run once (tracking off), for tests that run stage processes directly."""
-    for item in ("dae", "stages", "params.yaml", "tests/tiny_params.yaml"):
+    for item in ("dae", "stages", "dvc.yaml", "params.yaml", "tests/tiny_params.yaml"):
         src = ROOT / item
         (path / item).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, path / item)
     (path / ".dvc").mkdir()
     apply_tiny_profile(path / "params.yaml", yaml.safe_load((path / "tests/tiny_params.yaml").read_text()))
     ws = Workspace(path, mnist_mirror)
-    ws.run_all([("stages.download",), ("stages.noise",), ("stages.pretrain_layer", "1")])
+    ws.run_all(["download", "noise", "pretrain_layer@1"])
     return ws
 
 

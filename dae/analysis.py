@@ -1,5 +1,6 @@
-"""The slide's experiments on a trained autoencoder: latent projections, the denoiser as a
-projection onto the data manifold, and digit morphing in code space versus pixel space."""
+"""The slide's analyses of a trained autoencoder (named so as not to be confused with DVC/MLflow
+experiments): latent projections, the denoiser as a projection onto the data manifold, and
+digit morphing in code space versus pixel space."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,9 @@ def decoded_plane(model: nn.Module, codes: torch.Tensor, n: int = 10, span: floa
         steps = torch.linspace(-span, span, n, device=codes.device)
         a, b = torch.meshgrid(steps * std[0], -steps * std[1], indexing="xy")
         grid = mean + a.reshape(-1, 1) * directions[0] + b.reshape(-1, 1) * directions[1]
-    images = model.decode(grid).reshape(n, n, 28, 28).cpu().numpy()
-    return images.transpose(0, 2, 1, 3).reshape(28 * n, 28 * n)
+    from torchvision.utils import make_grid
+
+    return make_grid(model.decode(grid).reshape(-1, 1, 28, 28).cpu(), nrow=n, padding=0)[0].numpy()
 
 
 def tsne(codes: np.ndarray, seed: int) -> np.ndarray:
@@ -68,3 +70,12 @@ def tsne(codes: np.ndarray, seed: int) -> np.ndarray:
 
     perplexity = min(30.0, (len(codes) - 1) / 3)
     return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(codes)
+
+
+def example_indices(labels: np.ndarray, n: int) -> tuple[list[int], list[int]]:
+    """The first `n` examples to show: the first image of each class, then the next ones in order;
+    and the first image of each class alone."""
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(10) if (labels == c).any()]
+    first_set = set(firsts)
+    rest = [i for i in range(len(labels)) if i not in first_set]
+    return (firsts + rest)[:n], firsts
