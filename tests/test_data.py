@@ -85,6 +85,36 @@ def test_truncated_gzip_is_reported(mnist_mirror, tmp_path):
         download("mnist", tmp_path / "raw", mirrors=[str(mirror)])
 
 
+def test_a_file_missing_from_the_only_mirror_is_named(mnist_mirror, tmp_path):
+    mirror = _mirror_copy(mnist_mirror, tmp_path)
+    (mirror / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is missing from mirror"):
+        download("mnist", tmp_path / "raw", mirrors=[str(mirror)])
+    assert list((tmp_path / "raw").iterdir()) == []  # no partial set of files
+
+
+def test_an_empty_mirror_names_the_first_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte is missing"):
+        download("mnist", tmp_path / "raw", mirrors=[str(tmp_path / "empty")])
+
+
+def test_a_split_with_one_image_short_is_refused(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    raw = tmp_path / "t10k-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-784])  # one image short of what the header says
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: header says \(3, 28, 28\)"):
+        read_idx_split(tmp_path, "test")
+
+
+def test_images_that_are_not_28x28_are_refused(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 14, 56), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    with pytest.raises(DataError, match="expected 28x28 images"):
+        read_idx_split(tmp_path, "test")
+
+
 def test_known_checksums_are_the_published_ones():
     assert DATASETS["mnist"].sha256["train-images-idx3-ubyte"].startswith("ba891046")
 

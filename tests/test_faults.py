@@ -59,14 +59,6 @@ def run_download(ws, mirror):
     return ws.stage("download", env={"DAE_DATA_MIRROR": str(mirror), "DAE_PUBLIC_MIRRORS": "off"})
 
 
-def test_truncated_gz(ws, tmp_path):
-    mirror = bad_mirror(ws, tmp_path)
-    gz = mirror / "t10k-images-idx3-ubyte.gz"
-    gz.write_bytes(gz.read_bytes()[:10000])
-    assert_download_failed(ws, run_download(ws, mirror), "t10k-images-idx3-ubyte", "truncated or corrupt")
-    assert not any((ws.path / "data" / "raw").iterdir())  # no partial set of files
-
-
 def test_checksum_mismatch(ws, tmp_path):
     mirror = bad_mirror(ws, tmp_path)
     gz = mirror / "train-labels-idx1-ubyte.gz"
@@ -75,22 +67,6 @@ def test_checksum_mismatch(ws, tmp_path):
     gz.write_bytes(gzip.compress(bytes(data)))
     assert_download_failed(ws, run_download(ws, mirror), "checksum mismatch for train-labels-idx1-ubyte")
     assert not any((ws.path / "data" / "raw").iterdir())
-
-
-def test_missing_file_in_mirror(ws, tmp_path):
-    mirror = bad_mirror(ws, tmp_path)
-    (mirror / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert_download_failed(ws, run_download(ws, mirror), "t10k-labels-idx1-ubyte is missing from mirror")
-
-
-def test_empty_mirror_directory(ws, tmp_path):
-    (tmp_path / "empty").mkdir()
-    assert_download_failed(ws, run_download(ws, tmp_path / "empty"), "train-images-idx3-ubyte is missing")
-
-
-def test_unreachable_mirror(ws):
-    result = run_download(ws, "http://127.0.0.1:9/mnist")
-    assert_download_failed(ws, result, "could not download http://127.0.0.1:9/mnist/train-images-idx3-ubyte.gz")
 
 
 def test_wrong_idx_magic(ws):
@@ -102,35 +78,14 @@ def test_wrong_idx_magic(ws):
     assert ws.snapshot("data/noisy") == before
 
 
-def test_wrong_image_count(ws):
-    raw = ws.path / "data" / "raw" / "t10k-images-idx3-ubyte"
-    raw.write_bytes(raw.read_bytes()[:-784])  # one image short of what the header says
-    result = ws.stage("noise")
-    assert result.returncode == 1 and "t10k-images-idx3-ubyte: header says (10000, 28, 28)" in result.stderr
-
-
-def test_wrong_dimensions(ws):
-    from tests.test_data import write_idx
-    import numpy as np
-
-    write_idx(ws.path / "data" / "raw" / "t10k-images-idx3-ubyte", np.zeros((10000, 14, 56), np.uint8))
-    result = ws.stage("noise")
-    assert result.returncode == 1 and "expected 28x28 images" in result.stderr
-
-
 # --- Params ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage, key, value, message", [
     ("noise", "noise.level", -0.3, "noise.level: must be a finite number >= 0, got -0.3"),
-    ("noise", "noise.level", float("nan"), "noise.level: must be a finite number >= 0, got nan"),
-    ("noise", "noise.type", "speckle", "noise.type: must be one of"),
     ("download", "data.dataset", "cifar10", "data.dataset: must be one of"),
-    ("pretrain_layer@1", "arch.hidden", [64, 56, "x", 40, 32, 24, 16], "arch.hidden: must be a non-empty list"),
     ("pretrain_layer@1", "arch.bottleneck", 100, "arch.bottleneck: 100 is wider than the narrowest"),
-    ("pretrain_layer@1", "pretrain.epochs", 0, "pretrain.epochs: must be an integer >= 1, got 0"),
-    ("pretrain_layer@1", "pretrain.lr", -0.1, "pretrain.lr: must be a finite number > 0"),
-    ("pretrain_layer@1", "pretrain.batch_size", 0, "pretrain.batch_size: must be an integer >= 1"),
-    ("pretrain_layer@1", "device", "tpu", "device: must be one of ['auto', 'cpu', 'cuda']"),
+    ("finetune", "finetune.lr", -0.1, "finetune.lr: must be a finite number > 0"),
+    ("evaluate", "classifier.epochs", 0, "classifier.epochs: must be an integer >= 1, got 0"),
 ])
 def test_bad_params_fail_before_any_work(ws, stage, key, value, message):
     ws.set_param(key, value)
@@ -139,13 +94,6 @@ def test_bad_params_fail_before_any_work(ws, stage, key, value, message):
     result = ws.stage(stage)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert ws.snapshot(folder) == before  # nothing replaced
-
-
-def test_masking_fraction_out_of_range(ws):
-    ws.set_param("noise.type", "masking")
-    ws.set_param("noise.level", 1.2)
-    result = ws.stage("noise")
-    assert result.returncode == 1 and "noise.level: a masking fraction must be in [0, 1]" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -219,14 +167,15 @@ def test_kill_mid_training_leaves_no_output_and_resumes_identically(chain, sig):
     per-epoch checkpoint is written atomically, so either way the rerun resumes from the last
     complete epoch and ends bit-identical to an uninterrupted run."""
     ws = chain
-    ws.set_param("finetune.epochs", {"shallow": 1, "random_ft": 150, "greedy_ft": 150})  # ~8 s: killed long before the end
+    # 40 epochs, ~3 s on a 2-core CPU: the kill after epoch 3 comes long before the end.
+    ws.set_param("finetune.epochs", {"shallow": 1, "random_ft": 40, "greedy_ft": 40})
     outputs = sorted((ws.path / "data/models/finetune").glob("*.pt"))
     for path in outputs:
         path.unlink()  # as DVC does before running the stage
     proc = subprocess.Popen(ws.command("finetune"), cwd=ws.path, env=ws.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # kill it once a few epochs have been checkpointed
-        if "greedy_ft seed 0 epoch 3/150" in line:  # random_ft and greedy_ft: one stack of two
+        if "greedy_ft seed 0 epoch 3/40" in line:  # random_ft and greedy_ft: one stack of two
             proc.send_signal(sig)
             break
     rest = proc.communicate(timeout=60)[0]

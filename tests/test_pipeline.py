@@ -290,46 +290,38 @@ def test_finetune_change_reruns_only_what_depends_on_it(workspace):
         assert not [s for s in ran if s.startswith("pretrain_layer") or s in ("download", "noise")]
 
 
-def test_two_d_bottleneck_experiment_is_logged_with_its_name(workspace):
-    """`dvc exp run -S arch.bottleneck=2`: the 2-D variant runs, and MLflow knows the experiment."""
-    ws, run, *_ = workspace
-    with params_restored(ws, run):
-        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "two-d", "-S", "arch.bottleneck=2")
-        assert "figures" in ran_stages(result.stdout)
-        metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-        assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
-        assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
-        assert "2-d" in (ws / "reports" / "index.md").read_text()
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["dae-mnist"], filter_string="tags.dvc_exp_name = 'two-d'")
-    assert {"evaluate", "figures", "finetune"} <= set(runs["tags.stage"])
-    shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
-    assert "two-d" in shown
-
-
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-def test_fashion_mnist_runs_the_same_pipeline(workspace):
-    """`-S data.dataset=fashion-mnist`: its own checksums (the MNIST files in DAE_DATA_MIRROR,
-    tried first, fail them; Debian's folder passes), and a report that names the dataset and has
-    no slide numbers."""
+def test_an_experiment_on_fashion_mnist_with_a_2d_code_is_logged_with_its_name(workspace):
+    """`dvc exp run -n fashion-two-d -S data.dataset=fashion-mnist -S arch.bottleneck=2` (one
+    experiment for two knobs, as each reruns the whole pipeline): Fashion-MNIST's own checksums
+    (the MNIST files in DAE_DATA_MIRROR, tried first, fail them; Debian's folder passes), a report
+    that names the dataset and the 2-d code and has no slide numbers, and MLflow runs in the
+    dataset's experiment that know the DVC experiment's name."""
     ws, run, *_ = workspace
     with params_restored(ws, run):
-        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion", "-S", "data.dataset=fashion-mnist")
+        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion-two-d",
+                     "-S", "data.dataset=fashion-mnist", "-S", "arch.bottleneck=2")
         log = result.stdout + result.stderr
         assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
+        assert "figures" in ran_stages(result.stdout)
         table = (ws / "reports" / "results.md").read_text()
         assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
         header = next(line for line in table.splitlines() if line.startswith("| model"))
         assert "slide" not in header.lower()
         metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+        assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
         assert all(math.isfinite(row["mse"]) for row in metrics.values())
+        assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
         page = (ws / "reports" / "index.md").read_text()
         assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
-    import mlflow  # its runs have an experiment of their own, tagged with the dataset
+        assert "2-d" in page
+    import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["dae-fashion-mnist"])
-    assert {"evaluate", "figures"} <= set(runs["tags.stage"]) and set(runs["tags.dataset"]) == {"fashion-mnist"}
+    runs = mlflow.search_runs(experiment_names=["dae-fashion-mnist"],
+                              filter_string="tags.dvc_exp_name = 'fashion-two-d'")
+    assert {"evaluate", "figures", "finetune"} <= set(runs["tags.stage"])
+    assert set(runs["tags.dataset"]) == {"fashion-mnist"}
+    shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
+    assert "fashion-two-d" in shown
