@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.load_test import free_port
+from tests.team_server import free_port
 
 REQUIRE_ENV = "DAE_REQUIRE_BROWSER_TEST"  # .ci/run sets it: a missing browser fails, not skips
 # As the machine's browser probe starts it: no background connections to a network it cannot reach.

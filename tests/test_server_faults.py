@@ -12,16 +12,17 @@ DAE_TEST_POSTGRES_CTL, the command that stops and starts that cluster (`.ci/run`
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from bench.load_test import TrackingServer, team_user
+from tests.team_server import TrackingServer, team_user
 from tests.workspace import prepare_workspace
 
-EPOCHS = 150
+EPOCHS = 12  # enough after KILL_AT to log into the outage: the stage is paused while it begins
 KILL_AT = 5
 
 
@@ -51,8 +52,10 @@ def ws(prepared, server, tmp_path):
     return ws
 
 
-def train_and(ws, fault, env: dict | None = None) -> tuple[int, str]:
-    """Run finetune; after shallow's epoch KILL_AT call fault(); return its exit status and output."""
+def train_and(ws, down, up=None, outage: float = 3, env: dict | None = None) -> tuple[int, str]:
+    """Run finetune; after shallow's epoch KILL_AT take the store down with `down()` while the stage
+    is paused (SIGSTOP), so that the epochs after it meet the outage whatever the machine's speed;
+    let the stage run into it for `outage` seconds, then `up()`. Its exit status and output."""
     proc = subprocess.Popen(ws.command("finetune"), cwd=ws.path,
                             env={**ws.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -60,7 +63,14 @@ def train_and(ws, fault, env: dict | None = None) -> tuple[int, str]:
     for line in proc.stdout:
         lines.append(line)
         if f"epoch {KILL_AT}/{EPOCHS}" in line:
-            fault()
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                down()
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            if up is not None:
+                time.sleep(outage)
+                up()
             break
     rest = proc.communicate(timeout=600)[0]
     return proc.returncode, "".join(lines) + rest
@@ -85,12 +95,7 @@ def seed_run_history(server, key: str = "train_loss") -> tuple[str, list[int]]:
 
 
 def test_server_stopped_and_back_within_the_retries_the_stage_completes(ws, server):
-    def restart():
-        server.stop()
-        time.sleep(3)
-        server.start()
-
-    code, output = train_and(ws, restart)
+    code, output = train_and(ws, server.stop, server.start)
     assert code == 0, output
     assert (ws.path / "data/models/finetune/shallow.pt").exists()
     # Not one epoch's metrics lost or logged twice across the outage.
@@ -124,11 +129,7 @@ def test_postgresql_stopped_under_the_server_the_stage_waits_and_completes(ws, s
             pytest.fail("DAE_TEST_POSTGRES_CTL is not set but DAE_REQUIRE_SERVER_TEST is")
         pytest.skip("DAE_TEST_POSTGRES_CTL (how to stop and start PostgreSQL) is not set")
 
-    def bounce_postgres():
-        subprocess.run([*control.split(), "stop", "-m", "fast"], check=True)
-        time.sleep(5)
-        subprocess.run([*control.split(), "start"], check=True)
-
-    code, output = train_and(ws, bounce_postgres)
+    code, output = train_and(ws, lambda: subprocess.run([*control.split(), "stop", "-m", "fast"], check=True),
+                             lambda: subprocess.run([*control.split(), "start"], check=True), outage=5)
     assert code == 0, output
     assert seed_run_history(server) == ("FINISHED", list(range(1, EPOCHS + 1)))
