@@ -44,7 +44,7 @@ def workspace(tmp_path_factory, mnist_mirror):
 
 
 @contextmanager
-def params_restored(ws: Path, run):
+def params_restored(run):
     """A test that changes the shared workspace's params puts them back, and the outputs with them,
     as README's "Change a knob" does, so that no test depends on another's order. (Not `dvc repro`:
     DVC keeps no run-cache entry for a stage with a `cache: false` out that is neither a metric nor
@@ -282,7 +282,7 @@ def test_models_are_dvc_artifacts(workspace, tmp_path):
 
 def test_finetune_change_reruns_only_what_depends_on_it(workspace):
     ws, run, *_ = workspace
-    with params_restored(ws, run):
+    with params_restored(run):
         params = yaml.safe_load((ws / "params.yaml").read_text())
         params["finetune"]["epochs"] = 3
         (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -302,7 +302,7 @@ def test_an_experiment_on_fashion_mnist_with_a_2d_code_is_logged_with_its_name(w
     that names the dataset and the 2-d code and has no slide numbers, and MLflow runs in the
     dataset's experiment that know the DVC experiment's name."""
     ws, run, *_ = workspace
-    with params_restored(ws, run):
+    with params_restored(run):
         result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion-two-d",
                      "-S", "data.dataset=fashion-mnist", "-S", "arch.bottleneck=2")
         log = result.stdout + result.stderr
