@@ -14,6 +14,8 @@ from torch import nn
 from dae.env import switch
 
 RESUME_ENV = "DAE_RESUME"  # off: an interrupted training starts again from epoch 0
+# In every fingerprint: a state saved in another layout (e.g. another optimizer's) is not resumed.
+RESUME_FORMAT = b"fit state 2: dae.adam.Adam\n"
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +47,7 @@ def resume_state(folder: str | Path, name: str, params: dict, model: nn.Module,
     the params, the initial weights and the training data. (None, "") with DAE_RESUME=off."""
     if not switch(RESUME_ENV):
         return None, ""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(RESUME_FORMAT + json.dumps(params, sort_keys=True, default=str).encode())
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     digest.update(f"{tuple(inputs.shape)}".encode())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dae.adam import Adam
 from dae.io import save_torch
 from dae.params import PRECISIONS, SCHEDULES
 
@@ -85,18 +86,19 @@ def _lr_factor(config: FitConfig, steps_per_epoch: int) -> Callable[[int], float
     return factor
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` on `device` (a no-op for float32)."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """The autocast context of `precision` on `device` (a no-op for float32); `cache`: reuse a
+    weight's bfloat16 cast within the context (off where a CUDA graph records it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=cache)
 
 
-def make_optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Adam:
-    """Adam; the fused kernel where PyTorch has one (one kernel per step instead of a few per
-    tensor: ~10 % faster fine-tuning on CPU, more on CUDA; same update rule)."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+def make_optimizer(model: nn.Module, config: FitConfig, capturable: bool = False) -> Adam:
+    """Adam with PyTorch's fused kernel (one kernel per step instead of a few per tensor: ~10 %
+    faster fine-tuning on CPU, more on CUDA; dae/adam.py says why not torch.optim). `capturable`:
+    the learning rate lives on the device, as a CUDA graph needs."""
+    return Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, capturable=capturable)
 
 
 def gather(tensors: Sequence[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
@@ -133,35 +135,96 @@ def shared(tensor: torch.Tensor, members: int) -> torch.Tensor:
     return tensor.expand(members, *tensor.shape)
 
 
-def training_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, train: Sequence[torch.Tensor], precision: str,
-                  augment: Augment | None = None, augment_generators: list[torch.Generator] | None = None,
+def training_step(model: nn.Module, loss_fn: LossFn, optimizer: Adam,
+                  train: Sequence[torch.Tensor], precision: str, augment: Augment | None = None,
+                  augment_generators: list[torch.Generator] | None = None,
                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The step of `fit`: every member's batch gather, noise, forward, backward and Adam update on
     its rows `idx` [M, B]; returns the members' losses [M]. It reads nothing back to the host (no
-    `.item()`, no data-dependent shape; tests/test_train.py checks), so a GPU never waits on it."""
+    `.item()`, no data-dependent shape; tests/test_train.py checks), so a GPU never waits on it
+    and a CUDA graph can record it (GraphedStep). The learning-rate schedule steps outside it."""
     device = train[0].device
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         batch = gather(train, idx)
         if augment is not None:
             batch = augment(batch, augment_generators)
-        with autocast(device, precision):
+        # Autocast's cast cache off on CUDA, as PyTorch's CUDA-graph notes require for capture.
+        with autocast(device, precision, cache=device.type != "cuda"):
             losses = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         losses.sum().backward()
         optimizer.step()
-        scheduler.step()
         return losses.detach()
 
     return step
+
+
+class GraphedStep:
+    """A training step replayed as one CUDA graph per batch: the gather, noise, forward, backward
+    and Adam of all M members are one launch, where eager PyTorch launches ~200 small kernels
+    and a GPU idles between them. Batches of the captured shape [M, B] are copied into a static
+    index buffer and replayed; any other shape (an epoch's last, partial batch) runs eagerly.
+    The first full batch runs eagerly on a side stream (lazy optimizer state, library
+    workspaces), the second is captured, then replayed. `reset()` drops the graph, e.g. each
+    epoch when the centring offsets, which the graph reads, are new tensors.
+
+    `new_graph` and `capture` are torch.cuda's; tests pass stand-ins that call the step, to
+    check on a CPU what the buffers and the replay order compute. A capture that fails (an op
+    CUDA graphs do not support) is logged once and the run goes on eagerly."""
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], device: torch.device,
+                 generators: Sequence[torch.Generator] = (), new_graph: Callable | None = None,
+                 capture: Callable | None = None, side_stream: bool = True) -> None:
+        self.step, self.generators = step, list(generators)
+        self.static_idx = torch.zeros(shape, dtype=torch.long, device=device)
+        self.new_graph = new_graph or torch.cuda.CUDAGraph
+        self.capture = capture or torch.cuda.graph
+        self.side_stream = side_stream
+        self.graph, self.losses, self.warm, self.failed = None, None, False, False
+
+    def reset(self) -> None:
+        self.graph, self.losses = None, None
+
+    def _warm_up(self, idx: torch.Tensor) -> torch.Tensor:
+        self.warm = True
+        if not self.side_stream:
+            return self.step(idx)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            losses = self.step(idx)
+        torch.cuda.current_stream().wait_stream(side)
+        return losses
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.failed or tuple(idx.shape) != tuple(self.static_idx.shape):
+            return self.step(idx)
+        if not self.warm:
+            return self._warm_up(idx)
+        self.static_idx.copy_(idx)
+        if self.graph is None:
+            graph = self.new_graph()
+            for generator in self.generators:  # each member's noise stays its own seeded stream
+                graph.register_generator_state(generator)
+            try:
+                with self.capture(graph):
+                    self.losses = self.step(self.static_idx)
+            except RuntimeError as exc:
+                log.warning("CUDA graph capture failed, training on without graphs: %s", exc)
+                self.failed = True
+                return self.step(idx)
+            self.graph = graph
+        self.graph.replay()
+        return self.losses
 
 
 def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor],
         config: FitConfig, *, seeds: Sequence[int], desc: Sequence[str],
         on_epoch: Callable[[list[dict]], None] | None = None,
         checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None,
-        epoch_context: EpochContext | None = None, progress: bool = True) -> list[FitResult]:
+        epoch_context: EpochContext | None = None, progress: bool = True,
+        cuda_graphs: bool = True) -> list[FitResult]:
     """Train the M stacked members of `model` in place with Adam; keep each member's parameters
     of its best validation epoch. Returns one FitResult per member.
 
@@ -179,6 +242,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     `epoch_context`, if given, is entered around each epoch's training steps and left before
     validation, so what is validated, kept and checkpointed is the model outside it.
     `on_epoch(rows)` gets every member's {epoch, train_loss, val_loss, lr} after each epoch.
+    On CUDA (unless `cuda_graphs` is False) each full batch's step is one CUDA graph replay
+    (GraphedStep), captured anew each epoch; a CPU runs the same step eagerly.
     """
     members = len(seeds)
     if len(desc) != members:
@@ -189,9 +254,11 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
                              "(dae.train.shared for one data set)")
     n = train[0].shape[1]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     device = train[0].device
+    graphed = cuda_graphs and device.type == "cuda"
+    optimizer = make_optimizer(model, config, capturable=graphed)
+    lr_factor = _lr_factor(config, steps_per_epoch)
+    optimizer.set_lr(config.lr * lr_factor(0))
     # Index permutations come from CPU generators: identical on every device.
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     augment_generators = [torch.Generator(device).manual_seed(seed + 1) for seed in seeds]
@@ -211,29 +278,34 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         for generator, saved in zip(generators + augment_generators, state["generators"]):
             generator.set_state(saved)
         results, best_state = state["results"], state["best_state"]
         start_epoch = state["epoch"] + 1
         log.info("%s: resuming after epoch %d from %s", ", ".join(desc), state["epoch"], checkpoint)
 
-    step = training_step(model, loss_fn, optimizer, scheduler, train, config.precision, augment,
-                         augment_generators)
+    step = training_step(model, loss_fn, optimizer, train, config.precision, augment, augment_generators)
+    if graphed:
+        step = GraphedStep(step, (members, min(config.batch_size, n)), device, augment_generators)
     model.train()
+    steps_done = (start_epoch - 1) * steps_per_epoch
     label = desc[0] if members == 1 else f"{desc[0]} (+{members - 1} stacked)"
     for epoch in range(start_epoch, config.epochs + 1):
         order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         running = torch.zeros(members, device=device)
         bar = tqdm(range(0, n, config.batch_size), desc=f"{label} epoch {epoch}/{config.epochs}",
                    leave=False, mininterval=1.0, disable=None if progress else True)
+        if graphed:
+            step.reset()  # the epoch context may hand the step new tensors (the centring offsets)
         with epoch_context() if epoch_context is not None else contextlib.nullcontext():
             for start in bar:
                 idx = order[:, start:start + config.batch_size]
                 running += step(idx) * idx.shape[1]
+                steps_done += 1
+                optimizer.set_lr(config.lr * lr_factor(steps_done))  # a tensor is filled in place: no host sync
         train_losses = (running / n).tolist()  # one device sync per epoch, not per step
         val_losses = evaluate_loss(model, loss_fn, val)
-        lr = scheduler.get_last_lr()[0]
+        lr = config.lr * lr_factor(steps_done)
         rows = [{"epoch": epoch, "train_loss": t, "val_loss": v, "lr": lr} for t, v in zip(train_losses, val_losses)]
         for name, row in zip(desc, rows):
             if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
@@ -257,7 +329,6 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
             on_epoch(rows)
         if checkpoint is not None:
             save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(),
                                     "generators": [g.get_state() for g in generators + augment_generators],
                                     "epoch": epoch, "results": results, "best_state": best_state,
                                     "fingerprint": fingerprint})

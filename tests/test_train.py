@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import math
 
 import pytest
@@ -108,16 +109,16 @@ def test_training_step_reads_nothing_back_to_the_host(digits):
     x, _, _ = digits
     stack = TiedAutoencoder.stacked([seeded([784, 32, 16], s, linear_code=True) for s in (0, 1)])
     config = FitConfig(1, 32, 1e-3, warmup_epochs=0.5, precision="bfloat16")
-    optimizer = make_optimizer(stack, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    optimizer = make_optimizer(stack, config, capturable=True)
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    step = training_step(stack, reconstruction_loss, optimizer, scheduler, (shared(x[:256], 2),), "bfloat16",
+    step = training_step(stack, reconstruction_loss, optimizer, (shared(x[:256], 2),), "bfloat16",
                          fresh_noise, generators)
     before = stack.weights[0].detach().clone()
     idx = torch.stack([torch.randperm(256)[:32] for _ in range(2)])
     with NoHostSync():
-        for _ in range(3):
+        for k in range(3):
             losses = step(idx)
+            optimizer.set_lr(1e-3 / (k + 1))  # as fit sets each step's rate
     assert losses.shape == (2,) and torch.isfinite(losses).all()
     assert not torch.equal(before, stack.weights[0])  # it did step
 
@@ -224,27 +225,6 @@ def test_centred_fit_keeps_the_best_plain_model(digits):
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
 
-def test_fused_adam_takes_the_same_steps_as_plain_adam(digits):
-    # The fit loop uses the fused kernel for speed; it must not change the training itself.
-    config = FitConfig(1, 64, 3e-3)
-    models = [TiedAutoencoder.stacked([seeded([784, 32], 0), seeded([784, 32], 1)]) for _ in range(2)]
-    initial = models[0].weights[0].detach().clone()
-    fused = make_optimizer(models[0], config)
-    plain = torch.optim.Adam(models[1].parameters(), lr=config.lr)
-    assert fused.defaults["fused"] and not plain.defaults["fused"]
-    clean, noisy, _ = digits
-    batch = (shared(noisy[:64], 2), shared(clean[:64], 2))
-    for _ in range(5):
-        for model, optimizer in zip(models, (fused, plain)):
-            loss = reconstruction_loss(model, batch).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(models[0].weights[0], initial)  # it did train
-
-
 def test_bfloat16_autocast_trains_with_float32_weights_and_loss(digits):
     """precision: bfloat16 runs the matrix products in bfloat16 (CPU or CUDA); the parameters,
     optimizer state and loss stay float32, and it learns about as well as float32."""
@@ -302,3 +282,76 @@ def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         fit_alone(TiedAutoencoder([10, 4]), reconstruction_loss, (torch.rand(8, 10),) * 2, (torch.rand(8, 10),) * 2,
                   FitConfig(1, 4, 1e-2, schedule="step"), desc="x", progress=False)
+
+
+class RecordingGraph:
+    """A stand-in for torch.cuda.CUDAGraph on a CPU that records as CUDA's does: what runs inside
+    `capture` has no effect (the model, optimizer and generators are put back), and `replay` runs
+    the recorded step on GraphedStep's static index buffer, into the tensor the capture returned."""
+
+    def __init__(self, stack, optimizer, graphed_step):
+        self.stack, self.optimizer, self.graphed = stack, optimizer, graphed_step
+        self.generators, self.captures, self.replays = [], 0, 0
+
+    def register_generator_state(self, generator):
+        self.generators.append(generator)
+
+    @contextlib.contextmanager
+    def capture(self, graph):
+        saved = (copy.deepcopy(self.stack.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
+                 [g.get_state() for g in graph.generators])
+        yield
+        self.stack.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(saved[1])
+        for g, state in zip(graph.generators, saved[2]):
+            g.set_state(state)
+        graph.captures += 1
+
+    def replay(self):
+        self.replays += 1
+        self.graphed.losses.copy_(self.graphed.step(self.graphed.static_idx))
+
+
+def test_graphed_step_takes_exactly_the_eager_steps(digits):
+    """GraphedStep (the CUDA path of `fit`) with a stand-in graph on a CPU: over two epochs of 5
+    batches and a partial one, with capture anew each epoch, every batch is applied once, the
+    partial one eagerly, each member's noise drawn from its registered generator; the weights and
+    losses are the eager step's, bit for bit."""
+    from dae.train import GraphedStep
+
+    x, _, _ = digits
+    config = FitConfig(2, 32, 1e-3)
+    n, members = 180, 2  # 5 full batches of 32 and one of 20 per epoch
+
+    def run(graphed: bool):
+        stack = TiedAutoencoder.stacked([seeded([784, 32, 16], s, linear_code=True) for s in (0, 1)])
+        optimizer = make_optimizer(stack, config, capturable=True)  # as fit makes it for graphs
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        step = training_step(stack, reconstruction_loss, optimizer, (shared(x[:n], members),), "float32",
+                             fresh_noise, generators)
+        recorder = None
+        if graphed:
+            recorder = RecordingGraph(stack, optimizer, None)
+            step = GraphedStep(step, (members, config.batch_size), x.device, generators,
+                               new_graph=lambda: recorder, capture=recorder.capture, side_stream=False)
+            recorder.graphed = step
+        losses = []
+        for epoch in range(2):
+            if graphed:
+                step.reset()
+            order = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(epoch + s))
+                                 for s in range(members)])
+            for start in range(0, n, config.batch_size):
+                losses.append(step(order[:, start:start + config.batch_size]).clone())
+                optimizer.set_lr(1e-3 / (2 + len(losses)))
+        return stack, torch.stack(losses), recorder
+
+    eager, eager_losses, _ = run(False)
+    graphed, graphed_losses, recorder = run(True)
+    # epoch 1: a warm-up step, then a capture and 4 replays; epoch 2: a capture and 5 replays;
+    # the partial batch of each epoch eagerly
+    assert recorder.captures == 2 and recorder.replays == 4 + 5
+    assert len(recorder.generators) == 2 * 2
+    assert torch.equal(graphed_losses, eager_losses)
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        assert torch.equal(a, b)
