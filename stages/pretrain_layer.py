@@ -36,16 +36,25 @@ def main(args, name: str) -> None:
                 for split, d in (("train", train), ("val", val))}
     else:  # layers 2..8: each seed's own codes of layers 1..k-1
         previous = load_checkpoint(args.previous, pretrained_arch(params, k - 1), seeds)
-        below, codes = {}, {"train": ([], []), "val": ([], [])}
+        below, stacks = {}, []
         for seed in seeds:
             stack = TiedAutoencoder.from_arch(pretrained_arch(params, k - 1))
             stack.load_state_dict(previous["seeds"][seed])
-            stack.to(device).eval()
+            stacks.append(stack.to(device).eval())
             below[seed] = [stack.layer(i) for i in range(k - 1)]
-            for split, d in (("train", train), ("val", val)):
-                for out, kind in zip(codes[split], ("noisy", "clean")):
-                    out.append(apply_in_batches(stack.encode, d[kind]))
-        data = {split: [torch.stack(c) for c in pair] for split, pair in codes.items()}
+        # Codes are written into one [M, N, width] tensor per split and kind, and each image tensor
+        # is freed once encoded: layer 2's input (55k x 384 per seed and kind) is the largest data
+        # of the pipeline, so no second copy of it and no images beside all of it.
+        data = {}
+        for split, d in (("train", train), ("val", val)):
+            data[split] = []
+            for kind in ("noisy", "clean"):
+                images = d.pop(kind)
+                codes = torch.empty(len(seeds), images.shape[0], stacks[0].sizes[-1], device=device)
+                for i, stack in enumerate(stacks):
+                    codes[i] = apply_in_batches(stack.encode, images)
+                data[split].append(codes)
+                del images
     del train, val  # layers 2..8 train on the codes alone
 
     # Layer 1 reconstructs pixels (sigmoid output); deeper layers reconstruct hidden codes.
