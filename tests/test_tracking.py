@@ -107,6 +107,19 @@ def test_stage_run_logs_params_metrics_and_shared_tags(tmp_path, monkeypatch):
     assert set(children["tags.seed"]) == {"0"} and children["tags.pipeline_id"].nunique() == 1
 
 
+def test_gpu_metrics_have_their_package():
+    """Stage runs log MLflow's system metrics; its GPU monitor needs pynvml (nvidia-ml-py, pinned
+    in requirements.txt). Here it must fail only for want of a GPU, never for want of the package."""
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    try:
+        GPUMonitor()
+    except ImportError as exc:
+        pytest.fail(f"MLflow cannot log GPU metrics: {exc}")
+    except RuntimeError as exc:  # a machine without an NVIDIA driver
+        assert "NVML" in str(exc)
+
+
 def test_unreachable_server_fails_fast_with_a_hint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()
