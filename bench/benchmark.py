@@ -11,11 +11,14 @@
    and precision (medians of interleaved epochs), the epoch's GFLOP/s and its fraction of the
    matmul rate.
 3. The scaling curve: images/s in all and per member of M = 1, 3, 6, 12, 24, 48 stacked 8+8
-   members (dae.train's training step, fresh noise, params.yaml's batch size and precision).
-4. Stage start-up: the seconds a stage process spends importing what every stage imports.
+   members (dae.train's training step, fresh noise, params.yaml's batch size and precision; on
+   CUDA one graph replay a step, as fit runs it).
+4. Stage start-up: the seconds a fresh stage process spends importing torch, MLflow and dae, and
+   initialising CUDA. On CUDA also the GPU's busy fraction (kernel time / wall time, torch.profiler)
+   of stacked fine-tuning steps, for one member and for the finetune stage's stack.
 5. With --previous REV: `dvc repro --force` of that commit in a fresh `git worktree`, then
 6. `dvc repro --force` of this workspace (its outputs are the committed results): wall time,
-   seconds per stage and peak RSS (the largest process, and all processes together);
+   seconds per stage and peak RSS (the largest process, and all processes together, also per stage);
    `speedup_vs_previous` is the ratio of the two, measured one right after the other.
 
 Timings on a shared machine vary by up to a third from run to run: the ratios, each measured
@@ -93,7 +96,7 @@ def epoch_throughput(params: dict, device, repeats: int) -> tuple[float, float, 
             noisy, clean = noisy.to(device), clean.to(device)
             with autocast(device, one_epoch.precision):  # the same precision as ours
                 loss = torch.mean((model(noisy).float() - clean) ** 2)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
@@ -117,62 +120,103 @@ def train_step_flops(sizes: list[int]) -> int:
     return 12 * sum(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
-def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int = 10) -> list[dict]:
-    """Images/s of M stacked 8+8 members, in all and per member: the fine-tuning step of
-    dae.train (batch gather, fresh noise, forward, backward, Adam) at params.yaml's batch size and
-    precision, the median step of `steps` after 3 warm-up steps."""
+def stacked_step(params: dict, device, members: int, images=None):
+    """One stacked fine-tuning step of `members` 8+8 members, as fit runs it (dae.train's step,
+    fresh noise, params.yaml's batch size and precision; on CUDA one graph replay), on fixed rows."""
     import torch
 
     from dae.model import TiedAutoencoder
     from dae.noise import corrupt
     from dae.params import model_arch
-    from dae.train import FitConfig, make_optimizer, reconstruction_loss, shared, training_step
+    from dae.train import FitConfig, GraphedStep, make_optimizer, reconstruction_loss, shared, training_step
 
     config = FitConfig.from_section(params["finetune"], "random_ft")
     noise = params["noise"]
-    images = torch.rand(4096, 784, device=device)  # the step's cost does not depend on the pixels
+    images = torch.rand(4096, 784, device=device) if images is None else images  # the cost does not depend on pixels
 
     def augment(batch, generators):
         return torch.stack([corrupt(batch[0][i], noise["type"], noise["level"], g)
                             for i, g in enumerate(generators)]), batch[0]
 
+    models = []
+    for seed in range(members):
+        model = TiedAutoencoder.from_arch(model_arch(params, "random_ft"))
+        model.reset_parameters(params["finetune"]["init_gain"], torch.Generator().manual_seed(seed))
+        models.append(model.to(device))
+    stack = TiedAutoencoder.stacked(models)
+    graphed = device.type == "cuda"
+    optimizer = make_optimizer(stack, config, capturable=graphed)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in range(members)]
+    step = training_step(stack, reconstruction_loss, optimizer, (shared(images, members),),
+                         config.precision, augment, generators)
+    if graphed:  # as fit runs it on CUDA: one graph replay a step
+        step = GraphedStep(step, (members, config.batch_size), device, generators)
+    idx = torch.randint(0, len(images), (members, config.batch_size), device=device)
+    return lambda: step(idx)
+
+
+def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int = 10) -> list[dict]:
+    """Images/s of M stacked 8+8 members, in all and per member: the median of `steps` stacked
+    fine-tuning steps (stacked_step) after 3 warm-up steps."""
+    import torch
+
+    batch = params["finetune"]["batch_size"]
+    images = torch.rand(4096, 784, device=device)
     curve = []
     for members in sizes:
-        models = []
-        for seed in range(members):
-            model = TiedAutoencoder.from_arch(model_arch(params, "random_ft"))
-            model.reset_parameters(params["finetune"]["init_gain"], torch.Generator().manual_seed(seed))
-            models.append(model.to(device))
-        stack = TiedAutoencoder.stacked(models)
-        optimizer = make_optimizer(stack, config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        generators = [torch.Generator(device).manual_seed(seed) for seed in range(members)]
-        step = training_step(stack, reconstruction_loss, optimizer, scheduler, (shared(images, members),),
-                             config.precision, augment, generators)
-        idx = torch.randint(0, len(images), (members, config.batch_size), device=device)
+        step = stacked_step(params, device, members, images)
         for _ in range(3):
-            step(idx)
-        seconds = statistics.median(seconds_of(lambda: step(idx), device) for _ in range(steps))
-        total = members * config.batch_size / seconds
+            step()
+        seconds = statistics.median(seconds_of(step, device) for _ in range(steps))
+        total = members * batch / seconds
         curve.append({"members": members, "images_per_s": round(total, 1),
                       "images_per_s_per_member": round(total / members, 1), "step_ms": round(seconds * 1e3, 2)})
         print(f"{members:3d} stacked members: {total:9,.0f} images/s in all, {total / members:8,.0f} per member "
               f"({seconds * 1e3:.1f} ms a step)", flush=True)
-        del stack, optimizer, models
+        del step
     return curve
 
 
-def startup_seconds(repeats: int = 3) -> float:
-    """Median wall time of a fresh interpreter importing what a training stage imports before it
-    trains (torch, MLflow, the dae modules): the floor of every stage's start-up."""
-    code = ("import torch, mlflow, dae.train, dae.model, dae.evaluate, dae.tracking, dae.device, stages.common; "
-            "from mlflow.tracking.context.registry import resolve_tags")
-    times = []
+# What a training stage loads before it trains, in order: each step's seconds are its share of
+# the start-up (the later imports reuse what the earlier ones loaded).
+STARTUP_STEPS = {
+    "torch": "import torch",
+    "mlflow": "import mlflow; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore",
+    "dae": "import dae.train, dae.model, dae.evaluate, dae.tracking, dae.device, stages.common",
+    "cuda_init": "torch.cuda.is_available() and torch.cuda.init()",
+}
+
+
+def startup_seconds(repeats: int = 3) -> dict:
+    """Median seconds of a fresh interpreter's start-up steps (STARTUP_STEPS) and in all: the floor
+    of every stage's start-up. `cuda_init` is ~0 on a machine without a GPU."""
+    code = ("import time, json; t = {}; s = time.perf_counter()\n"
+            + "".join(f"{step}; t[{name!r}] = time.perf_counter() - s; s = time.perf_counter()\n"
+                      for name, step in STARTUP_STEPS.items())
+            + "print(json.dumps(t))")
+    runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout) | {"total": time.perf_counter() - start})
+    return {name: round(statistics.median(run[name] for run in runs), 2) for name in [*STARTUP_STEPS, "total"]}
+
+
+def gpu_busy_fraction(params: dict, device, members: int, steps: int = 20) -> float:
+    """CUDA only: the GPU's kernel time over the wall time of `steps` stacked fine-tuning steps of
+    `members` members (torch.profiler), as fit runs them (a CUDA graph replay each)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step = stacked_step(params, device, members)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = seconds_of(lambda: [step() for _ in range(steps)], device)
+    # With only the CUDA activity recorded, every event is device work (kernels, copies, fills).
+    kernel_us = sum(event.self_device_time_total for event in prof.key_averages())
+    return kernel_us / 1e6 / wall
 
 
 def matmul_gflops(device, dtype_name: str = "float32", size: int | None = None, repeats: int = 10) -> float:
@@ -221,11 +265,15 @@ def timed_repro(cwd: Path, label: str) -> dict:
     # The stages' `python` is this interpreter's, as in an activated venv.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     peak = {"mb": 0.0}
+    stage_peak: dict[str, float] = {}
     with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force"], cwd=cwd, text=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         def sample() -> None:
             while proc.poll() is None:
-                peak["mb"] = max(peak["mb"], tree_rss_mb(proc.pid))
+                mb = tree_rss_mb(proc.pid)
+                peak["mb"] = max(peak["mb"], mb)
+                if starts:
+                    stage_peak[starts[-1][0]] = max(stage_peak.get(starts[-1][0], 0.0), round(mb, 1))
                 time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -242,7 +290,8 @@ def timed_repro(cwd: Path, label: str) -> dict:
     ends = [t for _, t in starts[1:]] + [end]
     stages = {name: round(stop - begin, 1) for (name, begin), stop in zip(starts, ends)}
     print(f"--- {label}: {end - start:.0f} s, peak memory of all its processes {peak['mb']:.0f} MB", flush=True)
-    return {"seconds": round(end - start, 1), "stage_seconds": stages, "peak_rss_total_mb": round(peak["mb"], 1)}
+    return {"seconds": round(end - start, 1), "stage_seconds": stages, "peak_rss_total_mb": round(peak["mb"], 1),
+            "stage_peak_rss_total_mb": stage_peak}
 
 
 def previous_repro(rev: str) -> dict:
@@ -331,7 +380,8 @@ def main() -> None:
         # ru_maxrss of children: the peak of the largest single stage process, in KiB on Linux.
         result |= {"repro_seconds": full["seconds"], "stage_seconds": full["stage_seconds"],
                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-                   "peak_rss_total_mb": full["peak_rss_total_mb"], "seeds": len(params["seeds"]),
+                   "peak_rss_total_mb": full["peak_rss_total_mb"],
+                   "stage_peak_rss_total_mb": full["stage_peak_rss_total_mb"], "seeds": len(params["seeds"]),
                    "matmul_gflop_per_s_after": round(matmul_gflops(device), 1)}
         print(f"dvc repro --force ({len(params['seeds'])} seeds): {full['seconds']:.0f} s, "
               f"peak RSS {result['peak_rss_mb']:.0f} MB (largest process), {result['peak_rss_total_mb']:.0f} MB "
@@ -345,8 +395,13 @@ def main() -> None:
         result = json.loads(out.read_text()) | result
     result |= epoch_figures(params, device, args.repeats, rates)  # data/noisy exists now
     result["scaling"] = scaling_curve(params, device)
-    result["stage_import_seconds"] = round(startup_seconds(), 2)
-    print(f"stage start-up (imports): {result['stage_import_seconds']:.2f} s")
+    result["stage_startup_seconds"] = startup_seconds()
+    print(f"stage start-up: {result['stage_startup_seconds']}")
+    if device.type == "cuda":
+        stage_members = 2 * len(params["seeds"])  # finetune's stack: random_ft and greedy_ft, every seed
+        result["gpu_busy_fraction"] = {str(m): round(gpu_busy_fraction(params, device, m), 3)
+                                       for m in sorted({1, stage_members})}
+        print(f"GPU busy (kernel time / wall time of stacked fine-tuning steps): {result['gpu_busy_fraction']}")
     write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")
 
