@@ -11,13 +11,15 @@ one seed as its artifact and `dae/model.py` beside it, copied as `dae_tied_autoe
 `images`: float32 [n, 784], flattened 28x28 images with pixels in [0, 1]; noisy ones may lie
 outside, within PIXEL_RANGE. At most MAX_BATCH images a call. Anything else is refused, before
 any work, with a message that says what was expected and does not echo the input (HTTP 400 when
-served).
+served). The signature declares no input schema on purpose: MLflow would enforce it first, with
+its own message after an echo of the input, so this file checks the input itself (`as_batch`).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
@@ -36,8 +38,30 @@ OUTPUTS = ("reconstruction", "code")
 WEIGHTS = "weights"  # the artifact's key: a torch file {"arch": ..., "state_dict": ...}
 
 
-def _refuse(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
+class Refusal(MlflowException):
+    """An input this model does not take: HTTP 400 whose message is the reason alone.
+
+    MLflow's scoring server (mlflow/pyfunc/scoring_server, `invocations`) rewrites the message of
+    an MlflowException raised in predict to "Failed to predict data '<the input>'. Error: ...",
+    which puts an echo of the request (kilobytes of pixels) before the reason. A refusal's
+    message is set once, when it is raised, so a client's first line is what was wrong and
+    what is expected (tests/test_pipeline.py checks it over HTTP)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):  # MlflowException.__init__ sets it; later rewrites are ignored
+            self._reason = value
+
+
+def _refuse(message: str) -> Refusal:
+    return Refusal(message)
 
 
 def as_batch(model_input) -> np.ndarray:
@@ -46,13 +70,13 @@ def as_batch(model_input) -> np.ndarray:
         model_input = model_input.to_numpy()
     try:
         batch = np.asarray(model_input, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise _refuse(f"expected numbers (float32 pixels in [0, 1]), got values that are not: {exc}") from None
+    except (TypeError, ValueError):
+        raise _refuse("expected numbers (float32 pixels in [0, 1]), got values that are not numbers") from None
+    if batch.ndim >= 1 and batch.shape[0] == 0:
+        raise _refuse(f"empty batch: send at least one image of {INPUT_WIDTH} values")
     if batch.ndim != 2 or batch.shape[1] != INPUT_WIDTH:
         raise _refuse(f"expected a batch of flattened 28x28 images, shape (n, {INPUT_WIDTH}); "
                       f"got shape {batch.shape}")
-    if batch.shape[0] == 0:
-        raise _refuse(f"empty batch: send at least one image of {INPUT_WIDTH} values")
     if batch.shape[0] > MAX_BATCH:
         raise _refuse(f"batch of {batch.shape[0]} images is over the limit of {MAX_BATCH}: send it in parts")
     bad = ~np.isfinite(batch)
@@ -75,8 +99,8 @@ class Denoiser(PythonModel):
         self.model.load_state_dict(saved["state_dict"])
         self.model.eval()
 
-    # model_input's hint tells MLflow that the signature comes from log_model's (a tensor spec),
-    # not from the hint; unannotated, every log and load warns that hints are missing.
+    # model_input's hint: the input is checked here (as_batch), not by a signature's schema;
+    # unannotated, every log and load warns that hints are missing.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         output = (params or {}).get("output", "reconstruction")
         if output not in OUTPUTS:

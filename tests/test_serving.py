@@ -82,6 +82,7 @@ def test_loaded_by_name_in_a_process_without_the_repository(store, tmp_path_fact
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((2, 100), np.float32), r"shape \(n, 784\); got shape \(2, 100\)"),
     (np.zeros((0, 784), np.float32), "empty batch"),
+    ([], "empty batch"),
     (np.full((1, 784), np.nan, np.float32), "NaN or infinite"),
     ([["a"] * 784], "expected numbers"),
     (np.full((1, 784), 5.0, np.float32), r"image 0 has pixels outside \[-2, 3\]; expected pixels in \[0, 1\]"),
@@ -96,6 +97,28 @@ def test_bad_input_is_refused_with_what_was_expected(bad, message):
     assert len(str(caught.value)) < 200  # says what was wrong, with no echo of the input
 
 
+def test_a_refusal_keeps_its_message_when_the_scoring_server_rewrites_it():
+    """MLflow's scoring server prefixes an MlflowException's message with an echo of the input
+    (`e.message = f"Failed to predict data '{data}'..."`); a refusal keeps its reason alone."""
+    import mlflow.pyfunc.scoring_server as scoring_server
+    from mlflow.exceptions import MlflowException
+
+    from dae.serving import Refusal
+
+    class Model:  # what the server calls: the loaded model's predict
+        metadata = None
+
+        def predict(self, data, params=None):
+            return as_batch(data)
+
+    with pytest.raises(MlflowException) as caught:
+        scoring_server.invocations('{"inputs": [[0.5, 0.5]]}', "application/json", Model(), None)
+    assert isinstance(caught.value, Refusal)
+    answer = json.loads(caught.value.serialize_as_json())
+    assert answer["message"].startswith("expected a batch of flattened 28x28 images, shape (n, 784)")
+    assert "0.5" not in answer["message"] and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
 def test_unknown_output_is_refused(store):
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -107,13 +130,15 @@ def test_unknown_output_is_refused(store):
         model.predict(images.numpy(), params={"output": "logits"})
 
 
-def test_signature_declares_input_and_output_param(store):
+def test_signature_declares_output_and_param_and_leaves_input_checks_to_the_model(store):
+    """No input schema: MLflow would enforce it before as_batch, answering with an echo of the input."""
     import mlflow
 
     tmp_path, _, _, uri, _ = store
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     signature = mlflow.models.get_model_info(uri).signature
-    spec = json.loads(signature.inputs.to_json())[0]
-    assert spec["tensor-spec"]["shape"] == [-1, 784] and spec["tensor-spec"]["dtype"] == "float32"
+    assert signature.inputs is None
+    spec = json.loads(signature.outputs.to_json())[0]
+    assert spec["tensor-spec"]["dtype"] == "float32"
     assert signature.params.to_dict() == [{"name": "output", "type": "string", "default": "reconstruction",
                                            "shape": None}]

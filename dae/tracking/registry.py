@@ -29,8 +29,9 @@ def log_model(mlflow: Any, name: str, weights: dict, metrics: dict[str, float], 
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
+    # No input schema: MLflow would enforce it before the model's own checks (dae/serving.py), and
+    # answer a wrong width or an empty batch with an echo of the input; serving.py says what it takes.
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 784))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),  # 784, or the code size
         params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
     with tempfile.TemporaryDirectory() as tmp:
