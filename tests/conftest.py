@@ -63,6 +63,37 @@ def mnist_raw(mnist_mirror, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, mnist_mirror):
+    """A copy of the repository (what git would clone) with the tiny profile applied, and its
+    first `dvc repro` (tracking on); while that one trains, a second `dvc repro` in the same
+    workspace. Its lock and reports are committed, as the repository commits its own.
+    Returns (path, runner, first, second). The end-to-end tests use it as it is; the fault tests
+    copy it, so the pipeline runs once per session."""
+    import subprocess
+
+    from tests.workspace import make_workspace
+
+    ws = tmp_path_factory.mktemp("repo")
+    run = make_workspace(ws, mnist_mirror)
+    log = tmp_path_factory.mktemp("log") / "stderr.txt"
+    with log.open("w") as stderr:  # a file: a full pipe would block the stages
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=ws, text=True, stdout=subprocess.PIPE,
+                                stderr=stderr, env={**run.env, "PYTHONUNBUFFERED": "1"})
+        stdout = []
+        for line in proc.stdout:
+            stdout.append(line)
+            if "Running stage 'pretrain_layer@1'" in line:
+                break
+        second = run(sys.executable, "-m", "dvc", "repro", check=False)
+        rest = proc.communicate(timeout=1800)[0]
+    first = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(stdout) + rest, log.read_text())
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "tiny results")
+    return ws, run, first, second
+
+
 POSTGRES_ENV = "DAE_TEST_POSTGRES_URI"
 
 
