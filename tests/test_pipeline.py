@@ -200,7 +200,8 @@ def test_the_readme_model_section_runs_as_written(workspace):
     finally:
         os.killpg(shell.pid, signal.SIGTERM)
     out = shell.stdout.read()  # complete once the server, which shares the pipe, has ended
-    predictions = json.loads(out.strip().splitlines()[-1])["predictions"]
+    answer = next(line for line in out.splitlines() if line.startswith('{"predictions"'))  # the curl's
+    predictions = json.loads(answer)["predictions"]
     assert len(predictions) == 1 and len(predictions[0]) == 784
 
 
