@@ -200,8 +200,9 @@ def test_the_readme_model_section_runs_as_written(workspace):
     finally:
         os.killpg(shell.pid, signal.SIGTERM)
     out = shell.stdout.read()  # complete once the server, which shares the pipe, has ended
-    answer = next(line for line in out.splitlines() if line.startswith('{"predictions"'))  # the curl's
-    predictions = json.loads(answer)["predictions"]
+    # The curl's answer, which has no newline of its own: the server's access log may follow it.
+    answer = out[out.index('{"predictions"'):]
+    predictions = json.JSONDecoder().raw_decode(answer)[0]["predictions"]
     assert len(predictions) == 1 and len(predictions[0]) == 784
 
 
