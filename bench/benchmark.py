@@ -187,19 +187,19 @@ STARTUP_STEPS = {
 }
 
 
-def startup_seconds(repeats: int = 3) -> dict:
-    """Median seconds of a fresh interpreter's start-up steps (STARTUP_STEPS) and in all: the floor
-    of every stage's start-up. `cuda_init` is ~0 on a machine without a GPU."""
+def startup_seconds(repeats: int = 3, steps: dict[str, str] = STARTUP_STEPS) -> dict:
+    """Median seconds of a fresh interpreter's start-up `steps` and in all: the floor of every
+    stage's start-up. `cuda_init` is ~0 on a machine without a GPU."""
     code = ("import time, json; t = {}; s = time.perf_counter()\n"
             + "".join(f"{step}; t[{name!r}] = time.perf_counter() - s; s = time.perf_counter()\n"
-                      for name, step in STARTUP_STEPS.items())
+                      for name, step in steps.items())
             + "print(json.dumps(t))")
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
         runs.append(json.loads(out.stdout) | {"total": time.perf_counter() - start})
-    return {name: round(statistics.median(run[name] for run in runs), 2) for name in [*STARTUP_STEPS, "total"]}
+    return {name: round(statistics.median(run[name] for run in runs), 2) for name in [*steps, "total"]}
 
 
 def gpu_busy_fraction(params: dict, device, members: int, steps: int = 20) -> float:

@@ -73,3 +73,25 @@ def test_no_stage_writes_a_path_of_dvc_yaml_again():
         text = script.read_text()
         written = sorted(p for p in paths if f'"{p}' in text or f"'{p}" in text)
         assert not written, f"{script.name} writes {written}; pass it on the command line in dvc.yaml"
+
+
+def test_the_device_script_runs_every_stage_once_after_its_inputs():
+    """bench/device_run.py runs dvc.yaml's stages without DVC (a GPU machine has none): every
+    stage once, each after the stages whose outputs it reads, with dvc.yaml's command line."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("device_run", ROOT / "bench" / "device_run.py")
+    device_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_run)
+    commands = device_run.stage_commands(ROOT / "dvc.yaml")
+    locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    assert sorted(name for name, _ in commands) == sorted(locked)
+    for i, (name, argv) in enumerate(commands):
+        assert argv[0] == sys.executable and argv[1] == "-m" and argv[2].startswith("stages.")
+        assert " ".join(argv[1:]).endswith(locked[name]["cmd"].split(" ", 1)[1])  # dvc.yaml's command line
+        for dep in locked[name].get("deps", []):
+            later = [other for other, _ in commands[i + 1:]
+                     if any(out["path"] == dep["path"] or out["path"].startswith(dep["path"] + "/")
+                            for out in locked[other].get("outs", []))]
+            assert not later, f"{name} runs before {later}, which make its input {dep['path']}"
