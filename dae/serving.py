@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 try:  # inside a logged model: the copy that travels with it
@@ -60,10 +60,6 @@ class Refusal(MlflowException):
             self._reason = value
 
 
-def _refuse(message: str) -> Refusal:
-    return Refusal(message)
-
-
 def as_batch(model_input) -> np.ndarray:
     """The input as a float32 [n, 784] array of finite values, or a clear refusal."""
     if hasattr(model_input, "to_numpy"):  # a pandas DataFrame
@@ -71,23 +67,23 @@ def as_batch(model_input) -> np.ndarray:
     try:
         batch = np.asarray(model_input, dtype=np.float32)
     except (TypeError, ValueError):
-        raise _refuse("expected numbers (float32 pixels in [0, 1]), got values that are not numbers") from None
+        raise Refusal("expected numbers (float32 pixels in [0, 1]), got values that are not numbers") from None
     if batch.ndim >= 1 and batch.shape[0] == 0:
-        raise _refuse(f"empty batch: send at least one image of {INPUT_WIDTH} values")
+        raise Refusal(f"empty batch: send at least one image of {INPUT_WIDTH} values")
     if batch.ndim != 2 or batch.shape[1] != INPUT_WIDTH:
-        raise _refuse(f"expected a batch of flattened 28x28 images, shape (n, {INPUT_WIDTH}); "
+        raise Refusal(f"expected a batch of flattened 28x28 images, shape (n, {INPUT_WIDTH}); "
                       f"got shape {batch.shape}")
     if batch.shape[0] > MAX_BATCH:
-        raise _refuse(f"batch of {batch.shape[0]} images is over the limit of {MAX_BATCH}: send it in parts")
+        raise Refusal(f"batch of {batch.shape[0]} images is over the limit of {MAX_BATCH}: send it in parts")
     bad = ~np.isfinite(batch)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
-        raise _refuse(f"image {row} holds NaN or infinite values; expected finite pixels in [0, 1]")
+        raise Refusal(f"image {row} holds NaN or infinite values; expected finite pixels in [0, 1]")
     lo, hi = PIXEL_RANGE
     outside = (batch < lo) | (batch > hi)
     if outside.any():
         row = int(np.argwhere(outside)[0][0])
-        raise _refuse(f"image {row} has pixels outside [{lo:g}, {hi:g}]; expected pixels in [0, 1] "
+        raise Refusal(f"image {row} has pixels outside [{lo:g}, {hi:g}]; expected pixels in [0, 1] "
                       "(noisy images may stray a little outside)")
     return batch
 
@@ -104,7 +100,7 @@ class Denoiser(PythonModel):
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         output = (params or {}).get("output", "reconstruction")
         if output not in OUTPUTS:
-            raise _refuse(f"params.output must be one of {list(OUTPUTS)}, got {output!r}")
+            raise Refusal(f"params.output must be one of {list(OUTPUTS)}, got {output!r}")
         batch = torch.from_numpy(as_batch(model_input))
         with torch.no_grad():
             result = self.model(batch) if output == "reconstruction" else self.model.encode(batch)
