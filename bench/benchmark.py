@@ -202,6 +202,13 @@ def startup_seconds(repeats: int = 3, steps: dict[str, str] = STARTUP_STEPS) -> 
     return {name: round(statistics.median(run[name] for run in runs), 2) for name in [*steps, "total"]}
 
 
+def gpu_busy_fractions(params: dict, device) -> dict[str, float]:
+    """gpu_busy_fraction for one member and for the finetune stage's stack (random_ft and
+    greedy_ft, every seed), keyed by the member count."""
+    stage_members = 2 * len(params["seeds"])
+    return {str(m): round(gpu_busy_fraction(params, device, m), 3) for m in sorted({1, stage_members})}
+
+
 def gpu_busy_fraction(params: dict, device, members: int, steps: int = 20) -> float:
     """CUDA only: the GPU's kernel time over the wall time of `steps` stacked fine-tuning steps of
     `members` members (torch.profiler), as fit runs them (a CUDA graph replay each)."""
@@ -398,9 +405,7 @@ def main() -> None:
     result["stage_startup_seconds"] = startup_seconds()
     print(f"stage start-up: {result['stage_startup_seconds']}")
     if device.type == "cuda":
-        stage_members = 2 * len(params["seeds"])  # finetune's stack: random_ft and greedy_ft, every seed
-        result["gpu_busy_fraction"] = {str(m): round(gpu_busy_fraction(params, device, m), 3)
-                                       for m in sorted({1, stage_members})}
+        result["gpu_busy_fraction"] = gpu_busy_fractions(params, device)
         print(f"GPU busy (kernel time / wall time of stacked fine-tuning steps): {result['gpu_busy_fraction']}")
     write_json(out, result)  # atomically: temp file, then rename
     print(f"wrote {out}")

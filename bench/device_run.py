@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -30,24 +29,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def stage_commands(dvc_yaml: Path) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every stage in dvc.yaml's order, `foreach` items expanded, `python` being
-    this interpreter: the order is a valid one for this pipeline (each stage follows its inputs)."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    commands = []
-    for name, entry in stages.items():
-        items = entry["foreach"].items() if "foreach" in entry else [(None, None)]
-        for key, item in items:
-            cmd = entry["do"]["cmd"] if key is not None else entry["cmd"]
-            if key is not None:
-                cmd = cmd.replace("${key}", key)
-                for field, value in item.items():
-                    cmd = cmd.replace(f"${{item.{field}}}", str(value))
-            words = shlex.split(cmd)
-            commands.append((f"{name}@{key}" if key is not None else name, [sys.executable, *words[1:]]))
-    return commands
 
 
 def merge(params: dict, overrides: dict) -> dict:
@@ -76,6 +57,7 @@ def main() -> None:
     import benchmark  # bench/benchmark.py: the device figures
     from dae.device import select_device
     from dae.params import load
+    from stages.common import stage_commands
 
     params = load("params.yaml")
     device = select_device(params["device"])
@@ -107,9 +89,7 @@ def main() -> None:
     steps = {k: v for k, v in benchmark.STARTUP_STEPS.items() if k != "mlflow" or importlib.util.find_spec("mlflow")}
     result["stage_startup_seconds"] = benchmark.startup_seconds(steps=steps)
     if device.type == "cuda":
-        stage_members = 2 * len(params["seeds"])  # finetune's stack: random_ft and greedy_ft, every seed
-        result["gpu_busy_fraction"] = {str(m): round(benchmark.gpu_busy_fraction(params, device, m), 3)
-                                       for m in sorted({1, stage_members})}
+        result["gpu_busy_fraction"] = benchmark.gpu_busy_fractions(params, device)
     (out / "benchmark_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "scaling"}, indent=1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,27 @@ def declared_sections(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
     entry = stages[stage].get("do", stages[stage])
     keys = [key for key in entry.get("params", []) if isinstance(key, str)]
     return list(dict.fromkeys(key.split(".")[0] for key in keys))
+
+
+def stage_commands(dvc_yaml: Path = DVC_YAML) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every stage in dvc.yaml's order (`pretrain_layer@2`: its foreach item filled
+    in), `python` being this interpreter: how to run the stages without DVC, one after another
+    (dvc.yaml lists each stage after the stages whose outputs it reads)."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    commands = []
+    for name, entry in stages.items():
+        items = entry["foreach"].items() if "foreach" in entry else [(None, None)]
+        for key, item in items:
+            cmd = entry["do"]["cmd"] if key is not None else entry["cmd"]
+            if key is not None:
+                cmd = cmd.replace("${key}", key)
+                for field, value in item.items():
+                    cmd = cmd.replace(f"${{item.{field}}}", str(value))
+            words = shlex.split(cmd)
+            if words[0] != "python":
+                raise ValueError(f"stage {name}: expected a `python` command, got {cmd!r}")
+            commands.append((f"{name}@{key}" if key is not None else name, [sys.executable, *words[1:]]))
+    return commands
 
 
 def load_params(stage: str) -> tuple[dict, list[str]]:

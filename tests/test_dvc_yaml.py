@@ -76,15 +76,14 @@ def test_no_stage_writes_a_path_of_dvc_yaml_again():
 
 
 def test_the_device_script_runs_every_stage_once_after_its_inputs():
-    """bench/device_run.py runs dvc.yaml's stages without DVC (a GPU machine has none): every
-    stage once, each after the stages whose outputs it reads, with dvc.yaml's command line."""
-    import importlib.util
+    """stages.common.stage_commands, with which bench/device_run.py runs dvc.yaml's stages without
+    DVC (a GPU machine has none): every stage once, each after the stages whose outputs it reads,
+    with dvc.yaml's command line."""
     import sys
 
-    spec = importlib.util.spec_from_file_location("device_run", ROOT / "bench" / "device_run.py")
-    device_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(device_run)
-    commands = device_run.stage_commands(ROOT / "dvc.yaml")
+    from stages.common import stage_commands
+
+    commands = stage_commands(ROOT / "dvc.yaml")
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     assert sorted(name for name, _ in commands) == sorted(locked)
     for i, (name, argv) in enumerate(commands):

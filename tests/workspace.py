@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -48,18 +47,9 @@ class Workspace:
     def command(self, stage: str) -> list[str]:
         """The command line dvc.yaml gives `stage` (`pretrain_layer@2`: its foreach item filled in),
         run by this interpreter."""
-        stages = yaml.safe_load((self.path / "dvc.yaml").read_text())["stages"]
-        base, _, key = stage.partition("@")
-        entry = stages[base]
-        if "foreach" in entry:
-            cmd = entry["do"]["cmd"].replace("${key}", key)
-            for name, value in entry["foreach"][key].items():
-                cmd = cmd.replace(f"${{item.{name}}}", value)
-        else:
-            cmd = entry["cmd"]
-        words = shlex.split(cmd)
-        assert words[0] == "python", cmd
-        return [sys.executable, *words[1:]]
+        from stages.common import stage_commands
+
+        return dict(stage_commands(self.path / "dvc.yaml"))[stage]
 
     def stage(self, stage: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
         """Run one stage as dvc.yaml would, outside DVC (no lock, no cache)."""
