@@ -12,7 +12,8 @@
    matmul rate.
 3. The scaling curve: images/s in all and per member of M = 1, 3, 6, 12, 24, 48 stacked 8+8
    members (dae.train's training step, fresh noise, params.yaml's batch size and precision; on
-   CUDA one graph replay a step, as fit runs it).
+   CUDA one graph replay a step, as fit runs it). On a CPU also the finetune stage's stack as one
+   stack against the same members in one-thread lanes side by side (dae.lanes), as the stage runs it.
 4. Stage start-up: the seconds a fresh stage process spends importing torch, MLflow and dae, and
    initialising CUDA. On CUDA also the GPU's busy fraction (kernel time / wall time, torch.profiler)
    of stacked fine-tuning steps, for one member and for the finetune stage's stack.
@@ -175,6 +176,50 @@ def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int 
               f"({seconds * 1e3:.1f} ms a step)", flush=True)
         del step
     return curve
+
+
+def lanes_figure(params: dict, device, steps: int = 20) -> dict:
+    """CPU: images/s of the finetune stage's stack (random_ft and greedy_ft, every seed) as one
+    stack on all threads, against the same members in dae.lanes' lanes, each lane one thread,
+    the lanes stepping side by side in threads as the stage runs them."""
+    import threading
+
+    import torch
+
+    from dae.lanes import lane_count, split
+
+    members = 2 * len(params["seeds"])
+    batch = params["finetune"]["batch_size"]
+    images = torch.rand(4096, 784, device=device)
+    stack = stacked_step(params, device, members, images)
+    for _ in range(3):
+        stack()
+    one_stack = members * batch * steps / seconds_of(lambda: [stack() for _ in range(steps)], device)
+    lanes = split(range(members), lane_count(members, device))
+    lane_steps = [stacked_step(params, device, len(lane), images) for lane in lanes]
+    threads_before = torch.get_num_threads()
+
+    def run(step) -> None:
+        torch.set_num_threads(1)
+        for _ in range(steps):
+            step()
+
+    try:
+        for step in lane_steps:  # warm-up
+            step()
+        start = time.perf_counter()
+        workers = [threading.Thread(target=run, args=(step,)) for step in lane_steps]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        in_lanes = members * batch * steps / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(f"{members} members as one stack: {one_stack:,.0f} images/s; in {len(lanes)} one-thread lanes of "
+          f"{[len(lane) for lane in lanes]}: {in_lanes:,.0f} images/s ({in_lanes / one_stack:.2f}x)", flush=True)
+    return {"members": members, "lanes": [len(lane) for lane in lanes], "one_stack_images_per_s": round(one_stack, 1),
+            "lanes_images_per_s": round(in_lanes, 1), "ratio": round(in_lanes / one_stack, 3)}
 
 
 # What a training stage loads before it trains, in order: each step's seconds are its share of
@@ -402,6 +447,8 @@ def main() -> None:
         result = json.loads(out.read_text()) | result
     result |= epoch_figures(params, device, args.repeats, rates)  # data/noisy exists now
     result["scaling"] = scaling_curve(params, device)
+    if device.type == "cpu":
+        result["lanes"] = lanes_figure(params, device)
     result["stage_startup_seconds"] = startup_seconds()
     print(f"stage start-up: {result['stage_startup_seconds']}")
     if device.type == "cuda":

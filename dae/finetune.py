@@ -71,7 +71,7 @@ def finetune_stack(params: dict, members: list[tuple[str, int]], pretrained: dic
         train_inputs, augment = (shared(train["noisy"], m), shared(train["clean"], m)), None
     checkpoint, fingerprint = None, ""
     if resume is not None:
-        name = "+".join(dict.fromkeys(member for member, _ in members))
+        name = "+".join(f"{model}-seed{seed}" for model, seed in members)
         checkpoint, fingerprint = resume_state(resume, name, params, model, train_inputs[0])
     # Offsets recomputed at the start of every epoch: the layer means move as the model trains.
     centered = (lambda: model.centered(bias_sample)) if cfg["center"] else None

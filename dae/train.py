@@ -223,8 +223,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
         config: FitConfig, *, seeds: Sequence[int], desc: Sequence[str],
         on_epoch: Callable[[list[dict]], None] | None = None,
         checkpoint: Path | None = None, fingerprint: str = "", augment: Augment | None = None,
-        epoch_context: EpochContext | None = None, progress: bool = True,
-        cuda_graphs: bool = True) -> list[FitResult]:
+        epoch_context: EpochContext | None = None, progress: bool = True) -> list[FitResult]:
     """Train the M stacked members of `model` in place with Adam; keep each member's parameters
     of its best validation epoch. Returns one FitResult per member.
 
@@ -242,7 +241,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     `epoch_context`, if given, is entered around each epoch's training steps and left before
     validation, so what is validated, kept and checkpointed is the model outside it.
     `on_epoch(rows)` gets every member's {epoch, train_loss, val_loss, lr} after each epoch.
-    On CUDA (unless `cuda_graphs` is False) each full batch's step is one CUDA graph replay
+    On CUDA each full batch's step is one CUDA graph replay
     (GraphedStep), captured anew each epoch; a CPU runs the same step eagerly.
     """
     members = len(seeds)
@@ -255,7 +254,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Sequence[torch.Tensor], val: S
     n = train[0].shape[1]
     steps_per_epoch = math.ceil(n / config.batch_size)
     device = train[0].device
-    graphed = cuda_graphs and device.type == "cuda"
+    graphed = device.type == "cuda"
     optimizer = make_optimizer(model, config, capturable=graphed)
     lr_factor = _lr_factor(config, steps_per_epoch)
     optimizer.set_lr(config.lr * lr_factor(0))

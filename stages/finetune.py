@@ -6,8 +6,9 @@ random_ft 8+8: random init, trained end to end
 greedy_ft 8+8: initialised from the pretrained stack, trained end to end
 The recipe (dae.finetune.finetune_stack): Glorot-uniform init, biases from the noisy images' means,
 fresh noise every batch, the centred parametrisation; the best validation epoch is kept.
-The models that share an architecture and an epoch count train as one stacked model, every seed
-a member (dae.train.fit): random_ft and greedy_ft together, shallow on its own. The MLflow run
+The models that share an architecture and an epoch count train stacked, every seed a member
+(dae.train.fit): random_ft and greedy_ft together, shallow on its own; on a CPU each stack is split
+into lanes trained side by side (dae.lanes). The MLflow run
 `finetune` has one nested run per model and seed (`finetune greedy_ft seed 0`).
 """
 from stages.common import load_params, log, parser, resume_dir, run_stage
@@ -20,6 +21,7 @@ def main(args, name: str) -> None:
     from dae.checkpoint import clear_resume_state, load_checkpoint
     from dae.device import make_deterministic, select_device
     from dae.io import save_torch
+    from dae.lanes import in_lanes
     from dae.params import MODELS, TRAINED_MODELS, model_arch, section_flat
     from dae.finetune import evaluate_pretrained, finetune_stack
     from dae.report import write_curve
@@ -51,10 +53,15 @@ def main(args, name: str) -> None:
             trained.setdefault("greedy", []).append((key, state, result))
         for models in groups.values():
             members = [(model, seed) for model in models for seed in seeds]
-            keys = [runs.start(f"{name} {model} seed {seed}", seed, {"model": model}) for model, seed in members]
-            trained_stack = finetune_stack(params, members, pretrained, train, val, device, desc=keys,
-                                           resume=resume_dir(name), on_epoch=runs.epoch_logger(keys))
-            for (model, _), key, (state, result) in zip(members, keys, trained_stack):
+            keys = {member: runs.start(f"{name} {member[0]} seed {member[1]}", member[1], {"model": member[0]})
+                    for member in members}
+
+            def train_lane(lane: list[tuple[str, int]]) -> list:
+                lane_keys = [keys[member] for member in lane]
+                return finetune_stack(params, lane, pretrained, train, val, device, desc=lane_keys,
+                                      resume=resume_dir(name), on_epoch=runs.epoch_logger(lane_keys))
+
+            for (model, _), key, (state, result) in zip(members, keys.values(), in_lanes(members, device, train_lane)):
                 log.info("%s: best val loss %.5f at epoch %d", key, result.best_val_loss, result.best_epoch)
                 trained.setdefault(model, []).append((key, state, result))
         for model in MODELS:

@@ -3,7 +3,8 @@
 Layer K is a one-layer tied-weight denoising autoencoder trained on the codes of layers 1..K-1
 (noisy codes in, clean codes as target), computed once from PREVIOUS, layer K-1's checkpoint. The
 output checkpoint holds the whole stack 1..K for every seed, so stage K+1 depends on this file
-alone. All seeds train at once, as one stacked model (dae.train.fit), each in its own MLflow run.
+alone. All seeds train at once, as stacked models (dae.train.fit; on a CPU one per lane, dae.lanes),
+each seed in its own MLflow run.
 """
 from stages.common import load_params, log, parser, resume_dir, run_stage
 
@@ -14,6 +15,7 @@ def main(args, name: str) -> None:
     from dae.checkpoint import clear_resume_state, load_checkpoint, resume_state
     from dae.device import make_deterministic, select_device
     from dae.io import save_torch
+    from dae.lanes import in_lanes
     from dae.model import TiedAutoencoder
     from dae.params import DEEP_LAYERS, ParamError, pretrained_arch, section_flat
     from dae.report import write_curve
@@ -65,22 +67,32 @@ def main(args, name: str) -> None:
                                 output_sigmoid=k == 1)
         layer.reset_parameters(params["pretrain"]["init_gain"], torch.Generator().manual_seed(seed))
         layers.append(layer.to(device))
-    model = TiedAutoencoder.stacked(layers)
-    checkpoint, fingerprint = resume_state(resume_dir(name), "seeds", params, model, data["train"][0])
     root, in_workspace = tracking_root()
     with stage_run(name, section_flat(params, sections) | {"layer": k}, root, in_workspace,
                    dataset_inputs(params["data"], params["noise"], ["train", "val"])) as run, \
             run.member_runs() as runs:
-        keys = [runs.start(f"{name} seed {seed}", seed) for seed in seeds]
-        results = fit(model, reconstruction_loss, data["train"], data["val"], FitConfig.from_section(params["pretrain"]),
-                      seeds=seeds, desc=keys, checkpoint=checkpoint, fingerprint=fingerprint,
-                      on_epoch=runs.epoch_logger(keys))
-        trained = dict(zip(seeds, model.unstacked()))
-        stacks = {seed: TiedAutoencoder.stack(below[seed] + [trained[seed]]).cpu().state_dict() for seed in seeds}
+        keys = {seed: runs.start(f"{name} seed {seed}", seed) for seed in seeds}
+
+        def train_lane(lane: list[int]) -> list:
+            """The seeds of one lane (dae.lanes), consecutive in `seeds`, as one stacked model."""
+            at = slice(seeds.index(lane[0]), seeds.index(lane[-1]) + 1)
+            model = TiedAutoencoder.stacked(layers[at])
+            train_data, val_data = ([tensor[at] for tensor in data[split]] for split in ("train", "val"))
+            lane_name = "+".join(f"seed{seed}" for seed in lane)
+            checkpoint, fingerprint = resume_state(resume_dir(name), lane_name, params, model, train_data[0])
+            lane_keys = [keys[seed] for seed in lane]
+            results = fit(model, reconstruction_loss, train_data, val_data, FitConfig.from_section(params["pretrain"]),
+                          seeds=lane, desc=lane_keys, checkpoint=checkpoint, fingerprint=fingerprint,
+                          on_epoch=runs.epoch_logger(lane_keys))
+            return list(zip(model.unstacked(), results))
+
+        trained, results = zip(*in_lanes(seeds, device, train_lane))
+        stacks = {seed: TiedAutoencoder.stack(below[seed] + [layer]).cpu().state_dict()
+                  for seed, layer in zip(seeds, trained)}
         save_torch(args.out, {"arch": layer_arch, "seeds": stacks})
         write_curve(args.curve, [result.history for result in results])
         run.log_artifact(args.curve)
-        runs.finish_trained(keys, results, args.out)
+        runs.finish_trained(list(keys.values()), list(results), args.out)
     for seed, result in zip(seeds, results):
         log.info("seed %d: best val loss %.5f at epoch %d", seed, result.best_val_loss, result.best_epoch)
     clear_resume_state(resume_dir(name))

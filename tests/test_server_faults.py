@@ -113,7 +113,7 @@ def test_server_gone_for_good_the_stage_stops_with_one_line_and_no_outputs(ws, s
         assert "Traceback" not in output
         assert not (ws.path / "data/models/finetune/shallow.pt").exists()
         assert not (ws.path / "reports/curves/finetune_shallow.csv").exists()
-        assert (ws.path / "data/checkpoints/finetune/shallow.pt").exists()
+        assert (ws.path / "data/checkpoints/finetune/shallow-seed0.pt").exists()
     finally:
         server.start()
     resumed = ws.stage("finetune")

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,11 +128,13 @@ class StageRun:
 
 class MemberRuns:
     """One nested run per member, addressed by its run name: `start`, then `log` / `log_model`,
-    then `finish`. No-ops when tracking is disabled."""
+    then `finish`. No-ops when tracking is disabled. `log` may be called from the threads of
+    lanes trained side by side (dae.lanes): one call at a time reaches the store."""
 
     def __init__(self, stage_run: StageRun) -> None:
         self._stage = stage_run
         self._open: dict[str, str] = {}  # run name -> run id
+        self._lock = threading.Lock()
 
     def start(self, name: str, seed: int, tags: dict[str, str] | None = None) -> str:
         """Open the run `name` of one member (seed `seed`); it carries the stage run's own tags
@@ -152,7 +155,7 @@ class MemberRuns:
     def log(self, name: str, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow = self._stage.mlflow
         if mlflow and name in self._open:
-            with self._stage.guard():
+            with self._lock, self._stage.guard():
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self._open[name])
 
     def epoch_logger(self, names: list[str]):
