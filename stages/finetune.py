@@ -8,8 +8,8 @@ The recipe (dae.finetune.finetune_stack): Glorot-uniform init, biases from the n
 fresh noise every batch, the centred parametrisation; the best validation epoch is kept.
 The models that share an architecture and an epoch count train stacked, every seed a member
 (dae.train.fit): random_ft and greedy_ft together, shallow on its own; on a CPU each stack is split
-into lanes trained side by side (dae.lanes). The MLflow run
-`finetune` has one nested run per model and seed (`finetune greedy_ft seed 0`).
+into lanes trained side by side (dae.lanes). The MLflow run `finetune` has one nested run per
+model and seed (`finetune greedy_ft seed 0`).
 """
 from stages.common import load_params, log, parser, resume_dir, run_stage
 
