@@ -64,7 +64,35 @@ def mnist_raw(mnist_mirror, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory, mnist_mirror):
+def fashion_experiment(tmp_path_factory, mnist_mirror):
+    """`dvc exp run -n fashion-two-d -S data.dataset=fashion-mnist -S arch.bottleneck=2` in a
+    fresh tiny-profile copy of the repository, started in the background: tiny_pipeline asks
+    for it first when a collected test uses it, so that the two pipelines, mostly stage start-up,
+    run side by side. Returns (path, runner, wait), wait() -> the finished CompletedProcess."""
+    import subprocess
+
+    from tests.workspace import FASHION_EXPERIMENT, make_workspace
+
+    ws = tmp_path_factory.mktemp("fashion")
+    run = make_workspace(ws, mnist_mirror)
+    logs = tmp_path_factory.mktemp("fashion-log")
+    with (logs / "stdout.txt").open("w") as stdout, (logs / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", *FASHION_EXPERIMENT], cwd=ws, text=True,
+                                stdout=stdout, stderr=stderr, env=run.env)
+
+    def wait() -> subprocess.CompletedProcess:
+        proc.wait(timeout=1800)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, (logs / "stdout.txt").read_text(),
+                                           (logs / "stderr.txt").read_text())
+
+    yield ws, run, wait
+    if proc.poll() is None:  # the test that waits for it was deselected or failed early
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(request, tmp_path_factory, mnist_mirror):
     """A copy of the repository (what git would clone) with the tiny profile applied, and its
     first `dvc repro` (tracking on); while that one trains, a second `dvc repro` in the same
     workspace. Its lock and reports are committed, as the repository commits its own.
@@ -72,8 +100,11 @@ def tiny_pipeline(tmp_path_factory, mnist_mirror):
     copy it, so the pipeline runs once per session."""
     import subprocess
 
-    from tests.workspace import make_workspace
+    from tests.workspace import FASHION_MNIST, make_workspace
 
+    if FASHION_MNIST.is_dir() and any("fashion_experiment" in getattr(item, "fixturenames", ())
+                                      for item in request.session.items):
+        request.getfixturevalue("fashion_experiment")  # starts it, to run beside this one
     ws = tmp_path_factory.mktemp("repo")
     run = make_workspace(ws, mnist_mirror)
     log = tmp_path_factory.mktemp("log") / "stderr.txt"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.workspace import ran_stages
+from tests.workspace import FASHION_MNIST, ran_stages
 
 STAGES = ["download", "noise", *[f"pretrain_layer@{k}" for k in range(1, 9)], "finetune", "evaluate", "figures"]
 # In MLflow every training stage has a run, with a nested run per model and seed.
@@ -253,32 +253,32 @@ def test_finetune_change_reruns_only_what_depends_on_it(workspace):
         assert ran_stages(run(sys.executable, "-m", "dvc", "repro", "--dry").stdout) == ["finetune"]
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-def test_an_experiment_on_fashion_mnist_with_a_2d_code_is_logged_with_its_name(workspace):
+def test_an_experiment_on_fashion_mnist_with_a_2d_code_is_logged_with_its_name(fashion_experiment):
     """`dvc exp run -n fashion-two-d -S data.dataset=fashion-mnist -S arch.bottleneck=2` (one
     experiment for two knobs, as each reruns the whole pipeline): Fashion-MNIST's own checksums
     (the MNIST files in DAE_DATA_MIRROR, tried first, fail them; Debian's folder passes), a report
     that names the dataset and the 2-d code and has no slide numbers, and MLflow runs in the
-    dataset's experiment that know the DVC experiment's name."""
-    ws, run, *_ = workspace
-    with params_restored(run):
-        result = run(sys.executable, "-m", "dvc", "exp", "run", "-n", "fashion-two-d",
-                     "-S", "data.dataset=fashion-mnist", "-S", "arch.bottleneck=2")
-        log = result.stdout + result.stderr
-        assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
-        assert "figures" in ran_stages(result.stdout)
-        table = (ws / "reports" / "results.md").read_text()
-        assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
-        header = next(line for line in table.splitlines() if line.startswith("| model"))
-        assert "slide" not in header.lower()
-        metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-        assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
-        assert all(math.isfinite(row["mse"]) for row in metrics.values())
-        assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
-        page = (ws / "reports" / "index.md").read_text()
-        assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
-        assert "2-d" in page
+    dataset's experiment that know the DVC experiment's name. (Its own workspace, trained beside
+    the session's tiny pipeline: conftest.fashion_experiment.)"""
+    ws, run, wait = fashion_experiment
+    result = wait()
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "verified (from /usr/share/datasets/fashion-mnist/" in log, log
+    assert ran_stages(result.stdout) == STAGES
+    table = (ws / "reports" / "results.md").read_text()
+    assert "Fashion-MNIST" in table and "slide" not in table.splitlines()[0].lower()
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert "slide" not in header.lower()
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"shallow", "greedy", "random_ft", "greedy_ft", "pca"}
+    assert all(math.isfinite(row["mse"]) for row in metrics.values())
+    assert (ws / "reports" / "figures" / "latent_space.png").stat().st_size > 10_000
+    page = (ws / "reports" / "index.md").read_text()
+    assert page.startswith("# Deep denoising autoencoders on Fashion-MNIST") and "digit" not in page
+    assert "2-d" in page
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")

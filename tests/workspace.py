@@ -12,6 +12,10 @@ from typing import Callable
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+# An experiment on Fashion-MNIST with a 2-d code, as tests/test_pipeline.py runs it.
+FASHION_EXPERIMENT = ["exp", "run", "-n", "fashion-two-d", "-S", "data.dataset=fashion-mnist",
+                      "-S", "arch.bottleneck=2"]
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
