@@ -180,13 +180,11 @@ def scaling_curve(params: dict, device, sizes=(1, 3, 6, 12, 24, 48), steps: int 
 
 def lanes_figure(params: dict, device, steps: int = 20) -> dict:
     """CPU: images/s of the finetune stage's stack (random_ft and greedy_ft, every seed) as one
-    stack on all threads, against the same members in dae.lanes' lanes, each lane one thread,
-    the lanes stepping side by side in threads as the stage runs them."""
-    import threading
-
+    stack on all threads, against the same members in dae.lanes' one-thread lanes side by side,
+    run by dae.lanes.in_lanes as the stage runs them."""
     import torch
 
-    from dae.lanes import lane_count, split
+    from dae.lanes import in_lanes, lane_count, split
 
     members = 2 * len(params["seeds"])
     batch = params["finetune"]["batch_size"]
@@ -196,30 +194,23 @@ def lanes_figure(params: dict, device, steps: int = 20) -> dict:
         stack()
     one_stack = members * batch * steps / seconds_of(lambda: [stack() for _ in range(steps)], device)
     lanes = split(range(members), lane_count(members, device))
-    lane_steps = [stacked_step(params, device, len(lane), images) for lane in lanes]
-    threads_before = torch.get_num_threads()
+    lane_steps = {lane[0]: stacked_step(params, device, len(lane), images) for lane in lanes}
+    for step in lane_steps.values():  # warm-up
+        step()
 
-    def run(step) -> None:
-        torch.set_num_threads(1)
+    def train(lane: list[int]) -> list[int]:
         for _ in range(steps):
-            step()
+            lane_steps[lane[0]]()
+        return lane
 
-    try:
-        for step in lane_steps:  # warm-up
-            step()
-        start = time.perf_counter()
-        workers = [threading.Thread(target=run, args=(step,)) for step in lane_steps]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        in_lanes = members * batch * steps / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads_before)
+    start = time.perf_counter()
+    in_lanes(list(range(members)), device, train)
+    in_lanes_rate = members * batch * steps / (time.perf_counter() - start)
+    sizes = [len(lane) for lane in lanes]
     print(f"{members} members as one stack: {one_stack:,.0f} images/s; in {len(lanes)} one-thread lanes of "
-          f"{[len(lane) for lane in lanes]}: {in_lanes:,.0f} images/s ({in_lanes / one_stack:.2f}x)", flush=True)
-    return {"members": members, "lanes": [len(lane) for lane in lanes], "one_stack_images_per_s": round(one_stack, 1),
-            "lanes_images_per_s": round(in_lanes, 1), "ratio": round(in_lanes / one_stack, 3)}
+          f"{sizes}: {in_lanes_rate:,.0f} images/s ({in_lanes_rate / one_stack:.2f}x)", flush=True)
+    return {"members": members, "lanes": sizes, "one_stack_images_per_s": round(one_stack, 1),
+            "lanes_images_per_s": round(in_lanes_rate, 1), "ratio": round(in_lanes_rate / one_stack, 3)}
 
 
 # What a training stage loads before it trains, in order: each step's seconds are its share of

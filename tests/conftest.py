@@ -141,10 +141,14 @@ def postgres_uri() -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_environment():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI and also keeps the URI in-process, where
+    it wins over the variable: keep one test's store out of the next (a later test that sets the
+    variable to a server would otherwise still read the earlier test's SQLite registry)."""
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}
     yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
