@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dae.lanes import lane_count, split
 from tests.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,8 +185,8 @@ def test_kill_mid_training_leaves_no_output_and_resumes_identically(ws, uninterr
         assert proc.returncode == -signal.SIGKILL
     assert not any(path.exists() for path in outputs)
     # One resume state per lane (dae.lanes): on a CPU, random_ft and greedy_ft train side by side.
-    lanes = (["random_ft-seed0", "greedy_ft-seed0"] if torch.get_num_threads() > 1
-             else ["random_ft-seed0+greedy_ft-seed0"])
+    members = ["random_ft-seed0", "greedy_ft-seed0"]
+    lanes = ["+".join(lane) for lane in split(members, lane_count(len(members), torch.device("cpu")))]
     assert all((ws.path / f"data/checkpoints/finetune/{lane}.pt").exists() for lane in lanes)
 
     resumed = ws.stage("finetune")
